@@ -1,0 +1,188 @@
+// Python bindings. The typed, documented API lives in gcoffload/engine.py;
+// these are thin and keep the GIL except where they block on the device.
+
+#include "copy_engine.h"
+#include "pinned_pool.h"
+
+#include <torch/extension.h>
+
+#include <string>
+
+namespace py = pybind11;
+
+namespace gcoffload {
+namespace {
+
+OverBudget parse_over_budget(const std::string& policy) {
+  if (policy == "keep") {
+    return OverBudget::Keep;
+  }
+  if (policy == "pageable") {
+    return OverBudget::Pageable;
+  }
+  TORCH_CHECK(
+      policy == "error",
+      "over_budget must be 'keep', 'pageable' or 'error', got '",
+      policy,
+      "'");
+  return OverBudget::Error;
+}
+
+const char* state_name(Handle::State state) {
+  switch (state) {
+    case Handle::State::Offloaded:
+      return "offloaded";
+    case Handle::State::Prefetched:
+      return "prefetched";
+    case Handle::State::Fetched:
+      return "fetched";
+    case Handle::State::Released:
+      return "released";
+  }
+  return "unknown";
+}
+
+const char* placement_name(Handle::Placement placement) {
+  switch (placement) {
+    case Handle::Placement::Pool:
+      return "pool";
+    case Handle::Placement::Pageable:
+      return "pageable";
+    case Handle::Placement::Device:
+      return "device";
+    case Handle::Placement::Empty:
+      return "empty";
+  }
+  return "unknown";
+}
+
+py::dict pool_stats(PinnedPool& pool) {
+  const PoolStats stats = pool.stats();
+  py::dict out;
+  out["reserved_bytes"] = stats.reserved_bytes;
+  out["in_use_bytes"] = stats.in_use_bytes;
+  out["peak_in_use_bytes"] = stats.peak_in_use_bytes;
+  out["host_alloc_calls"] = stats.host_alloc_calls;
+  out["reuse_hits"] = stats.reuse_hits;
+  out["spills"] = stats.spills;
+  out["slabs"] = stats.slabs;
+  out["budget_bytes"] = stats.budget_bytes < 0 ? py::object(py::none())
+                                                : py::object(py::int_(stats.budget_bytes));
+  return out;
+}
+
+py::dict engine_stats(CopyEngine& engine) {
+  const EngineStats stats = engine.stats();
+  py::dict out;
+  out["offloads"] = stats.offloads;
+  out["offloaded_bytes"] = stats.offloaded_bytes;
+  out["prefetches"] = stats.prefetches;
+  out["fetches"] = stats.fetches;
+  out["prefetch_hits"] = stats.prefetch_hits;
+  out["on_demand_fetches"] = stats.on_demand_fetches;
+  out["fetched_bytes"] = stats.fetched_bytes;
+  out["kept_on_device"] = stats.kept_on_device;
+  out["pageable_spills"] = stats.pageable_spills;
+  out["pending_waits"] = stats.pending_waits;
+  out["live_handles"] = stats.live_handles;
+  return out;
+}
+
+py::list trace_entries(CopyEngine& engine) {
+  std::vector<TraceEntry> entries;
+  {
+    py::gil_scoped_release no_gil;
+    entries = engine.stop_trace();
+  }
+  py::list out;
+  for (const TraceEntry& entry : entries) {
+    py::dict row;
+    row["op"] = entry.op;
+    row["stream"] = entry.stream;
+    row["handle_id"] = entry.handle_id;
+    row["nbytes"] = entry.nbytes;
+    row["label"] = entry.label;
+    row["start_ms"] = entry.start_ms;
+    row["end_ms"] = entry.end_ms;
+    out.append(std::move(row));
+  }
+  return out;
+}
+
+} // namespace
+} // namespace gcoffload
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace gcoffload;
+  m.doc() = "gcoffload C++ core: pinned host pool and side-stream copy engine";
+
+  py::class_<PinnedPool, std::shared_ptr<PinnedPool>>(m, "PinnedPool")
+      .def(
+          py::init([](const std::string& device_type) {
+            return std::make_shared<PinnedPool>(
+                c10::Device(device_type).type());
+          }),
+          py::arg("device_type"))
+      .def_property_readonly(
+          "device_type",
+          [](const PinnedPool& pool) {
+            return c10::DeviceTypeName(pool.device_type(), /*lower_case=*/true);
+          })
+      .def("reserve", &PinnedPool::reserve, py::arg("nbytes"))
+      .def("trim", &PinnedPool::trim)
+      .def(
+          "set_budget",
+          [](PinnedPool& pool, std::optional<int64_t> nbytes) {
+            TORCH_CHECK(
+                !nbytes || *nbytes >= 0,
+                "host_budget_bytes must be >= 0 or None, got ",
+                *nbytes);
+            pool.set_budget(
+                nbytes ? static_cast<size_t>(*nbytes) : PinnedPool::kUnlimited);
+          },
+          py::arg("nbytes"))
+      .def("set_slab_bytes", &PinnedPool::set_slab_bytes, py::arg("nbytes"))
+      .def("stats", &pool_stats)
+      .def("reset_peak", &PinnedPool::reset_peak);
+
+  py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
+      .def_property_readonly("id", &Handle::id)
+      .def_property_readonly(
+          "shape",
+          [](const Handle& handle) { return py::tuple(py::cast(handle.sizes())); })
+      .def_property_readonly(
+          "dtype",
+          [](const Handle& handle) { return handle.dtype(); })
+      .def_property_readonly("nbytes", &Handle::nbytes)
+      .def_property_readonly(
+          "state",
+          [](const Handle& handle) { return state_name(handle.state()); })
+      .def_property_readonly(
+          "placement",
+          [](const Handle& handle) { return placement_name(handle.placement()); })
+      .def("release", &Handle::release);
+
+  py::class_<CopyEngine, std::shared_ptr<CopyEngine>>(m, "CopyEngine")
+      .def(py::init(&CopyEngine::create), py::arg("device"), py::arg("pool"))
+      .def_property_readonly("device", &CopyEngine::device)
+      .def_property_readonly("pool", &CopyEngine::pool)
+      .def("offload", &CopyEngine::offload, py::arg("tensor"))
+      .def("prefetch", &CopyEngine::prefetch, py::arg("handle"))
+      .def("fetch", &CopyEngine::fetch, py::arg("handle"))
+      .def(
+          "synchronize",
+          &CopyEngine::synchronize,
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "set_over_budget",
+          [](CopyEngine& engine, const std::string& policy) {
+            engine.set_over_budget(parse_over_budget(policy));
+          },
+          py::arg("policy"))
+      .def("set_max_pending", &CopyEngine::set_max_pending, py::arg("max_pending"))
+      .def("stats", &engine_stats)
+      .def("reset_stats", &CopyEngine::reset_stats)
+      .def("start_trace", &CopyEngine::start_trace)
+      .def("stop_trace", &trace_entries)
+      .def("mark", &CopyEngine::mark, py::arg("label"));
+}

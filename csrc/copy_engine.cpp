@@ -1,0 +1,433 @@
+#include "copy_engine.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+namespace gcoffload {
+
+// Note [Device-generic streams]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Nothing here names CUDA. Streams come from the device type's registered
+// guard implementation (VirtualGuardImpl), events from c10::Event, pinned
+// memory from at::getHostAllocator, and copies from Tensor::copy_ with
+// non_blocking=true. A CPU-only torch compiles exactly the code a GPU runs,
+// and any accelerator torch registers these pieces for (CUDA, ROCm, XPU)
+// works unchanged. The CPU has no streams: `has_streams_` is false, copies
+// are synchronous and every Fence is complete when made.
+
+// Note [Source lifetime]
+// ~~~~~~~~~~~~~~~~~~~~~~
+// The D2H copy reads the source tensor on the D2H stream while the compute
+// stream runs ahead. If the engine let go of the source at once, the caching
+// allocator could hand its memory to the next allocation on the compute
+// stream, and a kernel would overwrite it before the copy had read it.
+// `record_stream` would fix that by making the allocator wait, but it holds
+// back the memory until the allocator next polls its events, which inflates
+// peak memory exactly when we are trying to lower it. Instead the engine keeps
+// a reference in `pending_` together with the copy's fence and drops it once
+// the fence is done (polled on every engine call). If more than `max_pending_`
+// copies are outstanding, the compute stream waits on the device for the
+// oldest one; after that wait any reuse of its memory by the compute stream is
+// ordered behind the copy, so the reference can go. This assumes the memory
+// belongs to the compute stream, which holds for tensors made by the forward
+// pass that offloads them.
+
+// Note [Destination allocated on the compute stream]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A fetched tensor is used and freed by the compute stream, so it is
+// allocated there: allocating on the H2D stream would tie the block to a
+// stream that never frees it and fragment the caching allocator. The
+// allocator may return memory that earlier compute-stream kernels still use
+// (stream order makes that safe for the compute stream only), so the H2D
+// stream first waits for a fence recorded on the compute stream right after
+// the allocation. It also waits for the D2H copy that filled the host buffer.
+// Finally `fetch` makes the compute stream wait for the H2D copy.
+
+// Note [Dropped handles]
+// ~~~~~~~~~~~~~~~~~~~~~~
+// A handle can die unfetched: the autograd graph was freed without a
+// backward, or a layer raised. Its host buffer goes back to the pool behind
+// the fence of the last copy touching it (Note [Host buffer reuse]). If it was
+// prefetched, the H2D copy may still be writing the device tensor, which joins
+// `pending_` like an offload source (Note [Source lifetime]).
+
+namespace {
+
+c10::Stream side_stream(c10::Device device) {
+  if (device.is_cpu()) {
+    return c10::Stream(c10::Stream::DEFAULT, device);
+  }
+  return c10::impl::VirtualGuardImpl(device.type())
+      .getStreamFromGlobalPool(device, /*isHighPriority=*/false);
+}
+
+// Makes `stream` current for a scope; the CPU has no streams to switch.
+c10::OptionalStreamGuard run_on(bool has_streams, const c10::Stream& stream) {
+  if (has_streams) {
+    return c10::OptionalStreamGuard(stream);
+  }
+  return c10::OptionalStreamGuard();
+}
+
+int64_t byte_size(const at::Tensor& tensor) {
+  return static_cast<int64_t>(tensor.numel()) *
+      static_cast<int64_t>(tensor.element_size());
+}
+
+} // namespace
+
+Handle::Handle(
+    std::shared_ptr<CopyEngine> engine,
+    int64_t id,
+    const at::Tensor& like)
+    : engine_(std::move(engine)),
+      id_(id),
+      sizes_(like.sizes().vec()),
+      dtype_(like.scalar_type()),
+      nbytes_(byte_size(like)) {}
+
+Handle::~Handle() {
+  try {
+    engine_->release(*this);
+  } catch (const std::exception& error) {
+    TORCH_WARN("gcoffload: releasing handle ", id_, " failed: ", error.what());
+  }
+}
+
+void Handle::release() {
+  engine_->release(*this);
+}
+
+std::shared_ptr<CopyEngine> CopyEngine::create(
+    c10::Device device,
+    std::shared_ptr<PinnedPool> pool) {
+  TORCH_CHECK(
+      device.is_cpu() || device.has_index(),
+      "CopyEngine: device must name an index (e.g. cuda:0), got ",
+      device);
+  TORCH_CHECK(pool != nullptr, "CopyEngine: pool must not be None");
+  TORCH_CHECK(
+      pool->device_type() == device.type(),
+      "CopyEngine: pool serves ",
+      pool->device_type(),
+      " but device is ",
+      device);
+  return std::shared_ptr<CopyEngine>(new CopyEngine(device, std::move(pool)));
+}
+
+CopyEngine::CopyEngine(c10::Device device, std::shared_ptr<PinnedPool> pool)
+    : device_(device),
+      has_streams_(!device.is_cpu()),
+      d2h_stream_(side_stream(device)),
+      h2d_stream_(side_stream(device)),
+      pool_(std::move(pool)) {}
+
+c10::Stream CopyEngine::compute_stream() const {
+  if (!has_streams_) {
+    return c10::Stream(c10::Stream::DEFAULT, device_);
+  }
+  return c10::impl::VirtualGuardImpl(device_.type()).getStream(device_);
+}
+
+std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.defined(), "offload: tensor is undefined");
+  TORCH_CHECK(
+      tensor.device() == device_,
+      "offload: tensor is on ",
+      tensor.device(),
+      " but this engine serves ",
+      device_,
+      "; use gcoffload.get_engine(tensor.device)");
+  TORCH_CHECK(
+      tensor.layout() == at::kStrided,
+      "offload: tensor must be dense (strided), got layout ",
+      tensor.layout());
+  // Non-contiguous tensors are compacted on the compute stream first, so the
+  // copy is one linear transfer; `fetch` returns the contiguous layout.
+  at::Tensor source = tensor.contiguous();
+  std::shared_ptr<Handle> handle;
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  handle.reset(new Handle(shared_from_this(), next_id_++, source));
+  stats_.live_handles += 1;
+  poll_pending(dropped);
+  if (handle->nbytes_ == 0) {
+    handle->placement_ = Handle::Placement::Empty;
+    return handle;
+  }
+
+  auto block = pool_->acquire(static_cast<size_t>(handle->nbytes_));
+  if (block) {
+    handle->host_ = block->view(source.scalar_type(), source.sizes());
+    handle->block_ = std::move(block);
+    handle->placement_ = Handle::Placement::Pool;
+  } else {
+    TORCH_CHECK(
+        over_budget_ != OverBudget::Error,
+        "offload: the host budget is exhausted (over_budget='error'). Raise it "
+        "with gcoffload.configure(host_budget_bytes=...) or pick "
+        "over_budget='keep' or 'pageable'.");
+    if (over_budget_ == OverBudget::Keep) {
+      handle->device_ = std::move(source);
+      handle->placement_ = Handle::Placement::Device;
+      stats_.kept_on_device += 1;
+      return handle;
+    }
+    handle->host_ = at::empty(
+        source.sizes(), source.options().device(at::kCPU).pinned_memory(false));
+    handle->placement_ = Handle::Placement::Pageable;
+    stats_.pageable_spills += 1;
+  }
+
+  Fence::record(compute_stream()).block(d2h_stream_);
+  const Fence start = tracing_ ? Fence::record(d2h_stream_, true) : Fence();
+  {
+    auto guard = run_on(has_streams_, d2h_stream_);
+    handle->host_.copy_(source, /*non_blocking=*/has_streams_);
+  }
+  handle->d2h_done_ = Fence::record(d2h_stream_, tracing_);
+  keep_until_done(std::move(source), handle->d2h_done_, dropped);
+  stats_.offloads += 1;
+  stats_.offloaded_bytes += handle->nbytes_;
+  trace("offload", "d2h", handle.get(), start, handle->d2h_done_);
+  return handle;
+}
+
+bool CopyEngine::prefetch(Handle& handle) {
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  poll_pending(dropped);
+  const bool copies = handle.placement_ == Handle::Placement::Pool ||
+      handle.placement_ == Handle::Placement::Pageable;
+  if (!copies || handle.state_ != Handle::State::Offloaded) {
+    return false;
+  }
+  copy_to_device(handle);
+  stats_.prefetches += 1;
+  return true;
+}
+
+at::Tensor CopyEngine::fetch(Handle& handle) {
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Handle::State state = handle.state_;
+  TORCH_CHECK(
+      state == Handle::State::Offloaded || state == Handle::State::Prefetched,
+      "fetch: handle ",
+      handle.id_,
+      " was already ",
+      state == Handle::State::Fetched ? "fetched" : "released",
+      "; an offloaded tensor can be fetched once");
+  poll_pending(dropped);
+  stats_.fetches += 1;
+
+  switch (handle.placement_) {
+    case Handle::Placement::Empty:
+      handle.state_ = Handle::State::Fetched;
+      return at::empty(
+          handle.sizes_, at::TensorOptions().dtype(handle.dtype_).device(device_));
+    case Handle::Placement::Device:
+      handle.state_ = Handle::State::Fetched;
+      return std::move(handle.device_);
+    case Handle::Placement::Pool:
+    case Handle::Placement::Pageable:
+      break;
+  }
+
+  if (state == Handle::State::Offloaded) {
+    copy_to_device(handle);
+    stats_.on_demand_fetches += 1;
+  } else {
+    stats_.prefetch_hits += 1;
+  }
+  const c10::Stream compute = compute_stream();
+  handle.h2d_done_.block(compute);
+  if (tracing_) {
+    const Fence now = Fence::record(compute, true);
+    const bool on_demand = state == Handle::State::Offloaded;
+    trace("fetch", "compute", &handle, now, now, on_demand ? "on_demand" : "prefetched");
+  }
+  if (handle.block_) {
+    pool_->release(std::move(*handle.block_), handle.h2d_done_);
+    handle.block_.reset();
+  }
+  dropped.push_back(std::move(handle.host_));
+  handle.state_ = Handle::State::Fetched;
+  return std::move(handle.device_);
+}
+
+void CopyEngine::copy_to_device(Handle& handle) {
+  // See Note [Destination allocated on the compute stream].
+  at::Tensor destination = at::empty(
+      handle.sizes_, at::TensorOptions().dtype(handle.dtype_).device(device_));
+  Fence::record(compute_stream()).block(h2d_stream_);
+  handle.d2h_done_.block(h2d_stream_);
+  const Fence start = tracing_ ? Fence::record(h2d_stream_, true) : Fence();
+  {
+    auto guard = run_on(has_streams_, h2d_stream_);
+    destination.copy_(handle.host_, /*non_blocking=*/has_streams_);
+  }
+  handle.h2d_done_ = Fence::record(h2d_stream_, tracing_);
+  handle.device_ = std::move(destination);
+  handle.state_ = Handle::State::Prefetched;
+  stats_.fetched_bytes += handle.nbytes_;
+  trace("prefetch", "h2d", &handle, start, handle.h2d_done_);
+}
+
+void CopyEngine::release(Handle& handle) {
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  release_locked(handle, dropped);
+}
+
+void CopyEngine::release_locked(
+    Handle& handle,
+    std::vector<at::Tensor>& dropped) {
+  // See Note [Dropped handles].
+  const Handle::State state = handle.state_;
+  if (state == Handle::State::Released) {
+    return;
+  }
+  handle.state_ = Handle::State::Released;
+  stats_.live_handles -= 1;
+  if (state == Handle::State::Prefetched) {
+    keep_until_done(std::move(handle.device_), handle.h2d_done_, dropped);
+  }
+  if (handle.block_) {
+    const Fence& last_use = state == Handle::State::Prefetched
+        ? handle.h2d_done_
+        : handle.d2h_done_;
+    pool_->release(std::move(*handle.block_), last_use);
+    handle.block_.reset();
+  }
+  dropped.push_back(std::move(handle.host_));
+  dropped.push_back(std::move(handle.device_));
+}
+
+void CopyEngine::keep_until_done(
+    at::Tensor tensor,
+    Fence fence,
+    std::vector<at::Tensor>& dropped) {
+  // See Note [Source lifetime].
+  if (fence.done()) {
+    dropped.push_back(std::move(tensor));
+    return;
+  }
+  pending_.emplace_back(std::move(tensor), std::move(fence));
+  while (pending_.size() > max_pending_) {
+    pending_.front().second.block(compute_stream());
+    dropped.push_back(std::move(pending_.front().first));
+    pending_.pop_front();
+    stats_.pending_waits += 1;
+  }
+}
+
+void CopyEngine::poll_pending(std::vector<at::Tensor>& dropped) {
+  auto still_busy = std::stable_partition(
+      pending_.begin(), pending_.end(), [](const auto& entry) {
+        return !entry.second.done();
+      });
+  for (auto it = still_busy; it != pending_.end(); ++it) {
+    dropped.push_back(std::move(it->first));
+  }
+  pending_.erase(still_busy, pending_.end());
+}
+
+void CopyEngine::synchronize() {
+  std::vector<Fence> fences;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    fences.push_back(Fence::record(d2h_stream_));
+    fences.push_back(Fence::record(h2d_stream_));
+  }
+  for (const Fence& fence : fences) {
+    fence.synchronize();
+  }
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  poll_pending(dropped);
+}
+
+void CopyEngine::set_over_budget(OverBudget policy) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  over_budget_ = policy;
+}
+
+void CopyEngine::set_max_pending(int64_t max_pending) {
+  TORCH_CHECK(
+      max_pending >= 1, "max_pending must be at least 1, got ", max_pending);
+  std::lock_guard<std::mutex> lock(mutex_);
+  max_pending_ = static_cast<size_t>(max_pending);
+}
+
+EngineStats CopyEngine::stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+void CopyEngine::reset_stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t live_handles = stats_.live_handles;
+  stats_ = EngineStats();
+  stats_.live_handles = live_handles;
+}
+
+void CopyEngine::start_trace() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  trace_.clear();
+  tracing_ = true;
+  trace_origin_ = Fence::record(compute_stream(), true);
+}
+
+void CopyEngine::mark(const std::string& label) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (tracing_) {
+    const Fence now = Fence::record(compute_stream(), true);
+    trace("mark", "compute", nullptr, now, now, label);
+  }
+}
+
+std::vector<TraceEntry> CopyEngine::stop_trace() {
+  std::vector<TraceRecord> records;
+  Fence origin;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tracing_ = false;
+    records.swap(trace_);
+    origin = trace_origin_;
+  }
+  std::vector<TraceEntry> entries;
+  entries.reserve(records.size());
+  for (TraceRecord& record : records) {
+    record.end.synchronize();
+    record.entry.start_ms = record.start.elapsed_ms(origin);
+    record.entry.end_ms = record.end.elapsed_ms(origin);
+    entries.push_back(std::move(record.entry));
+  }
+  return entries;
+}
+
+void CopyEngine::trace(
+    const char* op,
+    const char* stream,
+    const Handle* handle,
+    const Fence& start,
+    const Fence& end,
+    std::string label) {
+  if (!tracing_) {
+    return;
+  }
+  TraceEntry entry;
+  entry.op = op;
+  entry.stream = stream;
+  entry.handle_id = handle ? handle->id_ : -1;
+  entry.nbytes = handle ? handle->nbytes_ : 0;
+  entry.label = std::move(label);
+  trace_.push_back(TraceRecord{std::move(entry), start, end});
+}
+
+} // namespace gcoffload

@@ -1,0 +1,190 @@
+#pragma once
+
+#include "fence.h"
+#include "pinned_pool.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/Stream.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gcoffload {
+
+// What `offload` does when the pool's host budget cannot hold another buffer.
+enum class OverBudget {
+  Keep, // keep the tensor where it is; `fetch` returns it without a copy
+  Pageable, // copy into ordinary (pageable) host memory: slower, unbounded
+  Error, // raise
+};
+
+struct EngineStats {
+  int64_t offloads = 0; // device-to-host copies issued
+  int64_t offloaded_bytes = 0;
+  int64_t prefetches = 0; // host-to-device copies issued ahead of their fetch
+  int64_t fetches = 0;
+  int64_t prefetch_hits = 0; // fetches whose copy was already issued
+  int64_t on_demand_fetches = 0; // fetches that had to issue their copy
+  int64_t fetched_bytes = 0;
+  int64_t kept_on_device = 0; // offloads refused by the budget (Keep)
+  int64_t pageable_spills = 0; // offloads past the budget (Pageable)
+  int64_t pending_waits = 0; // see Note [Source lifetime]
+  int64_t live_handles = 0;
+};
+
+// One entry of the engine's trace, times in ms since `start_trace`.
+struct TraceEntry {
+  std::string op; // "offload", "prefetch", "fetch" or "mark"
+  std::string stream; // "d2h", "h2d" or "compute"
+  int64_t handle_id = -1;
+  int64_t nbytes = 0;
+  std::string label;
+  double start_ms = 0;
+  double end_ms = 0;
+};
+
+class CopyEngine;
+
+// The receipt for one offloaded tensor. Dropping it (or `release`) returns
+// whatever it still holds; see Note [Dropped handles].
+class Handle {
+ public:
+  enum class State { Offloaded, Prefetched, Fetched, Released };
+  enum class Placement { Pool, Pageable, Device, Empty };
+
+  ~Handle();
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+
+  int64_t id() const {
+    return id_;
+  }
+  const std::vector<int64_t>& sizes() const {
+    return sizes_;
+  }
+  at::ScalarType dtype() const {
+    return dtype_;
+  }
+  int64_t nbytes() const {
+    return nbytes_;
+  }
+  State state() const {
+    return state_.load();
+  }
+  Placement placement() const {
+    return placement_;
+  }
+  void release();
+
+ private:
+  friend class CopyEngine;
+  Handle(std::shared_ptr<CopyEngine> engine, int64_t id, const at::Tensor& like);
+
+  const std::shared_ptr<CopyEngine> engine_;
+  const int64_t id_;
+  const std::vector<int64_t> sizes_;
+  const at::ScalarType dtype_;
+  const int64_t nbytes_;
+  Placement placement_ = Placement::Empty;
+  std::atomic<State> state_{State::Offloaded};
+  std::optional<HostBlock> block_; // Pool: the pool buffer behind `host_`
+  at::Tensor host_; // Pool or Pageable: the offloaded bytes
+  at::Tensor device_; // Prefetched, or Device: the tensor on the device
+  Fence d2h_done_; // the offload copy into `host_` finished
+  Fence h2d_done_; // the copy from `host_` into `device_` finished
+};
+
+// Copies tensors between one device and host memory on two side streams, one
+// per direction, so both directions of the bus run at once and neither blocks
+// the compute stream. On the CPU every copy is synchronous and the same code
+// exercises the pool, the handles and their ordering.
+//
+// Thread-safe: autograd runs a CUDA backward on its own device thread.
+class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
+ public:
+  static std::shared_ptr<CopyEngine> create(
+      c10::Device device,
+      std::shared_ptr<PinnedPool> pool);
+
+  // Starts copying `tensor` to host memory; returns immediately.
+  std::shared_ptr<Handle> offload(const at::Tensor& tensor);
+  // Starts copying the handle's bytes back; false if nothing was issued
+  // (already prefetched or fetched, or never left the device).
+  bool prefetch(Handle& handle);
+  // The tensor back on the device, ready for work on the current stream.
+  at::Tensor fetch(Handle& handle);
+  // Returns what `handle` still holds; idempotent.
+  void release(Handle& handle);
+  // Blocks until every copy issued so far has finished.
+  void synchronize();
+
+  void set_over_budget(OverBudget policy);
+  void set_max_pending(int64_t max_pending);
+  EngineStats stats();
+  void reset_stats();
+
+  void start_trace();
+  std::vector<TraceEntry> stop_trace();
+  void mark(const std::string& label);
+
+  c10::Device device() const {
+    return device_;
+  }
+  const std::shared_ptr<PinnedPool>& pool() const {
+    return pool_;
+  }
+
+ private:
+  CopyEngine(c10::Device device, std::shared_ptr<PinnedPool> pool);
+
+  // Private members expect `mutex_` to be held. Tensors they stop referencing
+  // go into `dropped`, which the caller destroys after unlocking: destroying a
+  // tensor that Python also knew may take the GIL.
+  c10::Stream compute_stream() const;
+  void keep_until_done(
+      at::Tensor tensor,
+      Fence fence,
+      std::vector<at::Tensor>& dropped);
+  void poll_pending(std::vector<at::Tensor>& dropped);
+  void copy_to_device(Handle& handle);
+  void release_locked(Handle& handle, std::vector<at::Tensor>& dropped);
+  void trace(
+      const char* op,
+      const char* stream,
+      const Handle* handle,
+      const Fence& start,
+      const Fence& end,
+      std::string label = {});
+
+  const c10::Device device_;
+  const bool has_streams_;
+  const c10::Stream d2h_stream_;
+  const c10::Stream h2d_stream_;
+  const std::shared_ptr<PinnedPool> pool_;
+
+  std::mutex mutex_;
+  std::deque<std::pair<at::Tensor, Fence>> pending_;
+  size_t max_pending_ = 32;
+  OverBudget over_budget_ = OverBudget::Keep;
+  EngineStats stats_;
+  int64_t next_id_ = 0;
+
+  bool tracing_ = false;
+  Fence trace_origin_;
+  struct TraceRecord {
+    TraceEntry entry;
+    Fence start;
+    Fence end;
+  };
+  std::vector<TraceRecord> trace_;
+};
+
+} // namespace gcoffload

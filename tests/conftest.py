@@ -1,0 +1,48 @@
+"""Shared fixtures: isolated engines, devices to parametrize over, and the cuda marker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from gcoffload import _ext
+from gcoffload.engine import CopyEngine
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def make_engine() -> Callable[..., CopyEngine]:
+    """Builds an engine with a pool of its own, so tests do not share counters."""
+
+    def make(
+        device: str = "cpu",
+        *,
+        budget: int | None = None,
+        slab_bytes: int = 1 << 20,
+        over_budget: str = "keep",
+        max_pending: int = 32,
+    ) -> CopyEngine:
+        extension = _ext.load()
+        pool = extension.PinnedPool(torch.device(device).type)
+        pool.set_budget(budget)
+        pool.set_slab_bytes(slab_bytes)
+        impl = extension.CopyEngine(torch.device(device), pool)
+        impl.set_over_budget(over_budget)
+        impl.set_max_pending(max_pending)
+        return CopyEngine(impl)
+
+    return make

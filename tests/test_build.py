@@ -1,0 +1,110 @@
+"""The JIT build: cache, the one-line notice, toolchain errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gcoffload
+from gcoffload import _ext
+
+LOAD = "import gcoffload; gcoffload.get_engine('cpu'); print(gcoffload._ext.extension_info().library)"
+
+
+def run_python(code: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_the_installed_package_carries_its_sources():
+    info = _ext.extension_info()
+    assert {"pinned_pool.cpp", "copy_engine.cpp", "bindings.cpp", "fence.h"} <= {
+        path.name for path in info.source_dir.iterdir()
+    }
+    package = Path(gcoffload.__file__).resolve().parent
+    installed = package.parent.name == "site-packages"
+    assert info.source_dir == (package / "csrc" if installed else package.parent / "csrc")
+
+
+def test_first_use_builds_once_with_one_notice_then_loads_from_the_cache(tmp_path):
+    env = {**os.environ, "GCOFFLOAD_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("GCOFFLOAD_VERBOSE_BUILD", None)
+    first = run_python(LOAD, env, tmp_path)
+    assert first.returncode == 0, first.stderr
+    notices = [line for line in first.stderr.splitlines() if line.startswith("gcoffload:")]
+    assert len(notices) == 1 and "building the C++ extension once" in notices[0]
+    library = Path(first.stdout.strip())
+    assert library.is_file() and library.is_relative_to(tmp_path / "cache")
+    assert f"torch-{torch.__version__}" in str(library.parent)
+
+    second = run_python(LOAD, env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "building" not in second.stderr
+    assert second.stdout.strip() == str(library)
+
+
+def test_a_missing_compiler_is_a_runtime_error_that_says_what_to_install(tmp_path):
+    env = {**os.environ, "GCOFFLOAD_CACHE_DIR": str(tmp_path), "CXX": "no-such-compiler"}
+    result = run_python(LOAD, env, tmp_path)
+    assert result.returncode != 0
+    assert "RuntimeError" in result.stderr
+    assert "no-such-compiler" in result.stderr and "apt install g++" in result.stderr
+
+
+def test_a_missing_ninja_says_to_pip_install_it(monkeypatch):
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "ninja" else real_which(name))
+    monkeypatch.setitem(sys.modules, "ninja", None)
+    with pytest.raises(RuntimeError, match="pip install ninja"):
+        _ext._require_toolchain()
+
+
+def test_a_failed_build_quotes_the_compiler_error(tmp_path, monkeypatch):
+    sources = tmp_path / "csrc"
+    shutil.copytree(_ext.extension_info().source_dir, sources)
+    broken = sources / "copy_engine.cpp"
+    broken.write_text(broken.read_text() + "\nint gcoffload_broken_symbol = undeclared_identifier_xyz;\n")
+    monkeypatch.setattr(_ext, "_source_dir", lambda: sources)
+    monkeypatch.setenv("GCOFFLOAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("GCOFFLOAD_VERBOSE_BUILD", raising=False)
+    with pytest.raises(RuntimeError) as failure:
+        _ext._build(_ext.extension_info())
+    message = str(failure.value)
+    assert "building the C++ extension failed" in message
+    assert "undeclared_identifier_xyz" in message
+    assert "GCOFFLOAD_VERBOSE_BUILD=1" in message
+
+
+def test_cli_build_and_info(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "gcoffload", "build"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stderr
+    assert "extension ready" in build.stdout
+
+    info = subprocess.run(
+        [sys.executable, "-m", "gcoffload", "info", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert report["gcoffload"] == gcoffload.__version__
+    assert report["torch"] == torch.__version__
+    assert report["extension"]["built"] is True
+    assert Path(report["extension"]["path"]).is_file()
+    assert report["stats"]["pools"], "info reports the pool counters"
