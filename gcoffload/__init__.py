@@ -1,7 +1,35 @@
-"""gcoffload: gradient checkpointing that parks layer inputs in pinned host memory."""
+"""gcoffload: gradient checkpointing that parks layer inputs in pinned host memory.
+
+The pieces, top to bottom (a tensor's path in the forward pass):
+
+* :func:`patch_model` / :func:`prepare_model_for_training` (``gcoffload.hf``):
+  make a transformers model, PEFT and the Trainer use gcoffload.
+* :func:`wrap_layers`: the same for any stack of PyTorch layers.
+* :class:`LayerCheckpointer` (``gcoffload.policy``): which layers to checkpoint.
+* :func:`checkpoint` (``gcoffload.function``): offload in forward, prefetch and
+  recompute in backward.
+* :func:`get_engine` (``gcoffload.engine``): per-device copy engine over the C++
+  pinned pool and side streams.
+"""
 
 from .engine import CopyEngine, Handle, configure, get_engine, reset_stats, stats
+from .function import OffloadOptions, checkpoint
+from .policy import LayerCheckpointer, selective_checkpoint_function
+from .wrap import WrappedLayers, wrap_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["CopyEngine", "Handle", "configure", "get_engine", "reset_stats", "stats"]
+__all__ = [
+    "CopyEngine",
+    "Handle",
+    "LayerCheckpointer",
+    "OffloadOptions",
+    "WrappedLayers",
+    "checkpoint",
+    "configure",
+    "get_engine",
+    "reset_stats",
+    "selective_checkpoint_function",
+    "stats",
+    "wrap_layers",
+]

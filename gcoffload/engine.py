@@ -30,6 +30,14 @@ __all__ = [
 ]
 
 OVER_BUDGET_POLICIES = ("keep", "pageable", "error")
+# Counted by the checkpoint layer through CopyEngine.count.
+CHECKPOINT_COUNTERS = (
+    "checkpointed_layers",  # layer calls that went through a checkpoint
+    "plain_layers",  # training-mode calls the selective rule ran without one
+    "recomputes",  # layer recomputes in backward
+    "kept_resident",  # inputs the residency window kept on the device
+    "kept_below_threshold",  # inputs too small to offload
+)
 _UNSET: Any = object()
 
 
@@ -87,7 +95,7 @@ class CopyEngine:
 
     def __init__(self, impl: Any) -> None:
         self._impl = impl
-        self._counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter(dict.fromkeys(CHECKPOINT_COUNTERS, 0))
         self.device: torch.device = impl.device
 
     def offload(self, tensor: torch.Tensor) -> Handle:
@@ -141,7 +149,9 @@ class CopyEngine:
         return self._impl.pool.trim()
 
     def count(self, counter: str, amount: int = 1) -> None:
-        """Adds to a counter reported by :meth:`stats` (used by the checkpoint layer)."""
+        """Adds to one of :data:`CHECKPOINT_COUNTERS`, reported by :meth:`stats`."""
+        if counter not in self._counters:
+            raise ValueError(f"count: unknown counter {counter!r}; expected one of {CHECKPOINT_COUNTERS}")
         self._counters[counter] += amount
 
     def stats(self) -> dict[str, int]:
@@ -150,7 +160,7 @@ class CopyEngine:
 
     def reset_stats(self) -> None:
         self._impl.reset_stats()
-        self._counters.clear()
+        self._counters = Counter(dict.fromkeys(CHECKPOINT_COUNTERS, 0))
 
     @contextlib.contextmanager
     def trace(self) -> Iterator[list[dict[str, Any]]]:

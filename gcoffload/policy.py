@@ -1,0 +1,203 @@
+"""Which layers to checkpoint, and the per-layer checkpoint function that applies it.
+
+The rule: a layer is checkpointed iff gradients flow through it, that is, it
+has a trainable parameter or one of its tensor arguments requires grad. Layers
+upstream of every trainable layer (the frozen bottom of a freeze-tuned model)
+run plainly: nothing in them requires grad, so autograd saves nothing for them
+and checkpointing would only add a recompute. Frozen layers *downstream* of a
+trainable one are checkpointed, because their activations would otherwise be
+kept for the gradient that flows through them.
+
+The reentrant checkpoint only produces parameter gradients when one of its
+inputs requires grad, so a trainable layer whose input does not (LoRA with
+frozen embeddings, the first trainable layer of a freeze-tuned model) gets
+``input.requires_grad_(True)`` first.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import nonreentrant
+from .engine import get_engine
+from .function import OffloadOptions, reentrant_checkpoint
+
+__all__ = ["LayerCheckpointer", "resolve_module", "selective_checkpoint_function"]
+
+
+def resolve_module(function: Callable[..., Any]) -> nn.Module | None:
+    """The module behind a layer callable, for the three shapes transformers uses.
+
+    ``layer.__call__`` (bound: transformers <= 4.51),
+    ``partial(super().__call__, **kwargs)`` (4.52 - 5.22) and
+    ``partial(forward, self, **kwargs)`` (5.23+: the module is the first
+    positional argument of the partial).
+    """
+    while isinstance(function, functools.partial):
+        if function.args and isinstance(function.args[0], nn.Module):
+            return function.args[0]
+        function = function.func
+    owner = getattr(function, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return owner
+    return function if isinstance(function, nn.Module) else None
+
+
+def _tensor_arguments(
+    function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
+) -> Iterator[torch.Tensor]:
+    def walk(value: Any) -> Iterator[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif type(value) in (tuple, list):
+            for item in value:
+                yield from walk(item)
+        elif type(value) is dict:
+            for item in value.values():
+                yield from walk(item)
+
+    yield from walk(args)
+    yield from walk(dict(kwargs))
+    while isinstance(function, functools.partial):
+        yield from walk(function.args)
+        yield from walk(function.keywords)
+        function = function.func
+
+
+def _first_positional_tensor(function: Callable[..., Any], args: tuple) -> torch.Tensor | None:
+    bound: tuple = ()
+    while isinstance(function, functools.partial):
+        bound = (*function.args, *bound)
+        function = function.func
+    return next((arg for arg in (*bound, *args) if isinstance(arg, torch.Tensor)), None)
+
+
+def gradients_flow_through(
+    module: nn.Module | None, function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
+) -> tuple[bool, bool]:
+    """(has a trainable parameter, some tensor argument requires grad)."""
+    trainable = module is not None and any(parameter.requires_grad for parameter in module.parameters())
+    input_requires_grad = any(tensor.requires_grad for tensor in _tensor_arguments(function, args, kwargs))
+    return trainable, input_requires_grad
+
+
+def selective_checkpoint_function(
+    checkpoint_function: Callable[..., Any], *, only_trainable: bool = True
+) -> Callable[..., Any]:
+    """Wraps any checkpoint function (e.g. ``torch.utils.checkpoint.checkpoint``) with the rule.
+
+    The result has ``checkpoint_function``'s signature. Layers gradients do not
+    flow through are called plainly; a trainable layer whose input does not
+    require grad gets ``requires_grad_(True)`` on its first floating-point
+    tensor argument, so a reentrant checkpoint yields parameter gradients.
+
+    Args:
+        checkpoint_function: called as ``checkpoint_function(function, *args, **kwargs)``.
+        only_trainable: False checkpoints every layer run with grad in training mode.
+    """
+
+    @functools.wraps(checkpoint_function)
+    def selective(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        module = resolve_module(function)
+        if not _should_checkpoint(module, function, args, kwargs, only_trainable, reentrant=True):
+            return function(*args, **kwargs)
+        return checkpoint_function(function, *args, **kwargs)
+
+    return selective
+
+
+def _should_checkpoint(
+    module: nn.Module | None,
+    function: Callable[..., Any],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    only_trainable: bool,
+    *,
+    reentrant: bool,
+) -> bool:
+    if not torch.is_grad_enabled() or (module is not None and not module.training):
+        return False
+    trainable, input_requires_grad = gradients_flow_through(module, function, args, kwargs)
+    if input_requires_grad:
+        return True
+    if only_trainable and not trainable:
+        return False
+    if not reentrant:
+        return True
+    hidden = _first_positional_tensor(function, args)
+    if hidden is None or not hidden.is_floating_point():
+        return False  # a reentrant checkpoint could not produce parameter gradients
+    hidden.requires_grad_(True)
+    return True
+
+
+class LayerCheckpointer:
+    """The per-layer checkpoint function gcoffload installs: the rule plus the offloaded checkpoint.
+
+    Called like ``torch.utils.checkpoint.checkpoint(function, *args, **kwargs)``
+    (this is what transformers stores as ``_gradient_checkpointing_func``), or
+    with the module known, through :meth:`run`.
+
+    Args:
+        options: how the checkpointed inputs are kept (offload, prefetch, window).
+        only_trainable: apply the rule; False checkpoints every layer that runs
+            with grad in training mode.
+        every_n_layers: checkpoint only layers whose index is a multiple of this;
+            the others keep their activations.
+        use_reentrant: the autograd-Function path (True) or the saved-tensor
+            hooks around ``torch.utils.checkpoint(use_reentrant=False)``.
+        layer_indices: the position of each layer in its stack, for ``every_n_layers``.
+    """
+
+    def __init__(
+        self,
+        options: OffloadOptions,
+        *,
+        only_trainable: bool = True,
+        every_n_layers: int = 1,
+        use_reentrant: bool = True,
+        layer_indices: Mapping[nn.Module, int] | None = None,
+    ) -> None:
+        if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        for name, flag in (("only_trainable", only_trainable), ("use_reentrant", use_reentrant)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self.options = options
+        self.only_trainable = only_trainable
+        self.every_n_layers = every_n_layers
+        self.use_reentrant = use_reentrant
+        self.layer_indices = dict(layer_indices or {})
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.run(resolve_module(function), function, args, kwargs)
+
+    def run(self, module: nn.Module | None, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Calls ``function(*args, **kwargs)``, the layer ``module``, checkpointed or not."""
+        index = self.layer_indices.get(module) if module is not None else None
+        selected = index is None or index % self.every_n_layers == 0
+        if not (
+            selected
+            and _should_checkpoint(
+                module, function, args, kwargs, self.only_trainable, reentrant=self.use_reentrant
+            )
+        ):
+            if torch.is_grad_enabled() and (module is None or module.training):
+                hidden = _first_positional_tensor(function, args)
+                if hidden is not None:
+                    get_engine(hidden.device).count("plain_layers")
+            return function(*args, **kwargs)
+        if self.use_reentrant:
+            return reentrant_checkpoint(function, args, kwargs, self.options)
+        return nonreentrant.checkpoint(function, args, kwargs, self.options)
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerCheckpointer({self.options}, only_trainable={self.only_trainable}, "
+            f"every_n_layers={self.every_n_layers}, use_reentrant={self.use_reentrant})"
+        )

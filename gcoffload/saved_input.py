@@ -1,0 +1,140 @@
+"""A checkpointed layer's input, kept on the device or parked on the host.
+
+Each checkpointed call saves one :class:`SavedInput`. It is linked to the one
+saved just before it in the same thread (the *forward chain*), which is how
+the backward pass of layer ``i`` knows what to prefetch for layer ``i - 1``.
+A per-thread *residency window* keeps the most recent inputs on the device:
+they are the first the backward pass needs, so copying them out and straight
+back would only cost bus time.
+
+Note [Who owns a SavedInput]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Autograd does. The checkpoint functions hand it to autograd through a
+saved-tensors pack hook, so it lives exactly as long as the saved variable:
+it is freed right after the layer's backward (or with the graph, if backward
+never runs), and then its handle returns the host buffer to the pool. The
+chain and the window only hold weak references, so they never keep a layer
+input alive; an entry whose graph is gone simply drops out of them.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from .engine import CopyEngine, Handle
+
+__all__ = ["SavedInput", "admit"]
+
+
+class SavedInput:
+    """One layer input: resident (``tensor``) or offloaded (``handle``).
+
+    Args:
+        engine: the copy engine of the input's device.
+        tensor: the layer input, shape ``(batch, seq, hidden)`` for decoders.
+        previous: the input saved just before this one in the same thread.
+    """
+
+    __slots__ = ("__weakref__", "_fetched", "engine", "handle", "previous", "tensor")
+
+    def __init__(self, engine: CopyEngine, tensor: torch.Tensor, previous: SavedInput | None) -> None:
+        self.engine = engine
+        self.tensor: torch.Tensor | None = tensor
+        self.handle: Handle | None = None
+        self._fetched: torch.Tensor | None = None
+        self.previous = weakref.ref(previous) if previous is not None else None
+
+    def offload(self) -> None:
+        """Starts the copy to host memory; the device tensor is no longer referenced here."""
+        if self.tensor is not None:
+            self.handle = self.engine.offload(self.tensor)
+            self.tensor = None
+
+    def prefetch(self) -> None:
+        if self.handle is not None:
+            self.engine.prefetch(self.handle)
+
+    def unpack(self) -> torch.Tensor:
+        """The input on the device. Repeated calls return the same tensor (retain_graph)."""
+        if self._fetched is None:
+            if self.tensor is not None:
+                self._fetched, self.tensor = self.tensor, None
+                self.engine.count("kept_resident")
+            elif self.handle is not None:
+                self._fetched = self.engine.fetch(self.handle)
+                self.handle = None
+            else:
+                raise RuntimeError(
+                    "gcoffload: this checkpointed layer's saved input was already released; "
+                    "run the forward pass again before another backward"
+                )
+        return self._fetched
+
+    def predecessors(self, depth: int) -> list[SavedInput]:
+        """Up to ``depth`` inputs saved before this one, nearest first."""
+        found: list[SavedInput] = []
+        link = self.previous
+        while link is not None and len(found) < depth:
+            saved = link()
+            if saved is None:
+                break
+            found.append(saved)
+            link = saved.previous
+        return found
+
+    def release(self) -> None:
+        """Drops whatever is held now (used when a layer raises)."""
+        if self.handle is not None:
+            self.handle.release()
+        self.tensor = self.handle = self._fetched = None
+
+
+class _ForwardChain(threading.local):
+    def __init__(self) -> None:
+        self.last: weakref.ref[SavedInput] | None = None
+        self.window: collections.deque[weakref.ref[SavedInput]] = collections.deque()
+
+
+_chain = _ForwardChain()
+
+
+def admit(
+    engine: CopyEngine,
+    tensor: torch.Tensor,
+    *,
+    offload: bool,
+    keep_resident: int,
+) -> SavedInput:
+    """Saves a layer input, links it into this thread's chain, slides the window.
+
+    Args:
+        engine: the copy engine of ``tensor``'s device.
+        tensor: the layer input to keep for the backward pass.
+        offload: whether this input may leave the device at all.
+        keep_resident: how many of the most recent offloadable inputs stay on
+            the device; older ones are offloaded now, so their copy overlaps
+            the layer about to run.
+    """
+    previous = _chain.last() if _chain.last is not None else None
+    saved = SavedInput(engine, tensor, previous)
+    _chain.last = weakref.ref(saved)
+    if offload:
+        _chain.window.append(weakref.ref(saved))
+        while len(_chain.window) > keep_resident:
+            oldest = _chain.window.popleft()()
+            if oldest is not None:
+                oldest.offload()
+    return saved
+
+
+def reset_chain() -> dict[str, Any]:
+    """Forgets this thread's chain and window (their entries stay valid)."""
+    dropped = {"window": len(_chain.window)}
+    _chain.last = None
+    _chain.window.clear()
+    return dropped

@@ -1,0 +1,130 @@
+"""Checkpointing and offloading for any stack of PyTorch layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from .function import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
+from .policy import LayerCheckpointer
+
+__all__ = ["WrappedLayers", "wrap_layers"]
+
+_NO_INSTANCE_FORWARD = object()
+
+
+class _CheckpointedForward:
+    """Installed as ``layer.forward``; calls the layer's own forward through the checkpointer."""
+
+    def __init__(self, module: nn.Module, inner: Callable[..., Any], checkpointer: LayerCheckpointer) -> None:
+        self.module = module
+        self.inner = inner
+        self.checkpointer = checkpointer
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.checkpointer.run(self.module, self.inner, args, kwargs)
+
+
+class WrappedLayers:
+    """The layers :func:`wrap_layers` changed; ``unwrap()`` (or leaving a ``with`` block) restores them."""
+
+    def __init__(self, layers: list[nn.Module], previous: list[Any], checkpointer: LayerCheckpointer) -> None:
+        self.layers = layers
+        self.checkpointer = checkpointer
+        self._previous = previous
+
+    def unwrap(self) -> None:
+        """Restores each layer's forward; calling it again does nothing."""
+        for layer, previous in zip(self.layers, self._previous, strict=True):
+            if isinstance(layer.__dict__.get("forward"), _CheckpointedForward):
+                if previous is _NO_INSTANCE_FORWARD:
+                    del layer.forward
+                else:
+                    layer.forward = previous
+        self.layers, self._previous = [], []
+
+    def __enter__(self) -> WrappedLayers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unwrap()
+
+    def __repr__(self) -> str:
+        return f"WrappedLayers({len(self.layers)} layers, {self.checkpointer})"
+
+
+def wrap_layers(
+    layers: Iterable[nn.Module],
+    *,
+    offload: bool = True,
+    only_trainable: bool = True,
+    every_n_layers: int = 1,
+    prefetch_depth: int = 1,
+    keep_resident: int = 1,
+    use_reentrant: bool = True,
+    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+) -> WrappedLayers:
+    """Makes each layer checkpoint itself, with its input parked in host memory.
+
+    Afterwards the layers are called as usual. In training mode with grad
+    enabled, each call goes through the selective rule (see
+    :mod:`gcoffload.policy`) and, if checkpointed, through
+    :func:`gcoffload.checkpoint`; in eval mode or under ``no_grad`` the layers
+    run plainly. The layers' module hooks stay outside the checkpoint.
+
+    Args:
+        layers: an ``nn.ModuleList``, ``nn.Sequential`` or any iterable of
+            modules, in forward order. Each takes the hidden states
+            ``(batch, seq, hidden)`` as its first positional argument.
+        offload: park checkpointed inputs in host memory (False: plain checkpointing).
+        only_trainable: apply the selective rule; False checkpoints every layer.
+        every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
+        prefetch_depth: inputs copied back ahead of the backward pass.
+        keep_resident: most recent inputs that never leave the device.
+        use_reentrant: autograd-Function path (True) or saved-tensor hooks (False).
+        min_offload_bytes: inputs smaller than this are not offloaded.
+
+    Returns:
+        A :class:`WrappedLayers`; its ``unwrap()`` restores the layers.
+
+    Raises:
+        TypeError: ``layers`` is not an iterable of modules.
+        ValueError: an option is out of range, or a layer is already wrapped.
+
+    Example:
+        >>> wrapped = gcoffload.wrap_layers(model.blocks)
+        >>> loss = model(batch).sum(); loss.backward()
+        >>> wrapped.unwrap()
+    """
+    if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(
+            f"layers must be an nn.ModuleList, nn.Sequential or iterable of modules, got "
+            f"{type(layers).__name__}; to wrap a single layer pass [layer]"
+        )
+    try:
+        modules = list(layers)
+    except TypeError:
+        raise TypeError(f"layers must be an iterable of nn.Module, got {type(layers).__name__}") from None
+    for position, module in enumerate(modules):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"layers[{position}] must be an nn.Module, got {type(module).__name__}")
+        if isinstance(module.__dict__.get("forward"), _CheckpointedForward):
+            raise ValueError(f"layers[{position}] is already wrapped by gcoffload; unwrap it first")
+    if len({id(module) for module in modules}) != len(modules):
+        raise ValueError("layers contains the same module twice")
+
+    options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
+    checkpointer = LayerCheckpointer(
+        options,
+        only_trainable=only_trainable,
+        every_n_layers=every_n_layers,
+        use_reentrant=use_reentrant,
+        layer_indices={module: index for index, module in enumerate(modules)},
+    )
+    previous = []
+    for module in modules:
+        previous.append(module.__dict__.get("forward", _NO_INSTANCE_FORWARD))
+        module.forward = _CheckpointedForward(module, module.forward, checkpointer)
+    return WrappedLayers(modules, previous, checkpointer)
