@@ -230,10 +230,18 @@ size_t PinnedPool::trim_locked() {
 }
 
 void PinnedPool::set_budget(size_t nbytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  budget_ = nbytes;
-  stats_.budget_bytes =
-      nbytes == kUnlimited ? -1 : static_cast<int64_t>(nbytes);
+  bool over_budget = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    budget_ = nbytes;
+    stats_.budget_bytes =
+        nbytes == kUnlimited ? -1 : static_cast<int64_t>(nbytes);
+    over_budget = static_cast<size_t>(stats_.reserved_bytes) > budget_;
+  }
+  // A lowered budget gives back what it can at once; slabs in use stay.
+  if (over_budget) {
+    trim();
+  }
 }
 
 void PinnedPool::set_slab_bytes(size_t nbytes) {

@@ -85,6 +85,7 @@ class PinnedPool {
   // Frees every slab none of whose buffers is in use; returns the bytes freed.
   size_t trim();
 
+  // Caps the bytes held in slabs; lowering it trims unused slabs at once.
   void set_budget(size_t nbytes);
   void set_slab_bytes(size_t nbytes);
   PoolStats stats();

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -324,12 +325,16 @@ class TestBadInput:
 
 def test_configure_applies_to_live_engines_and_is_reported():
     engine = gcoffload.get_engine("cpu")
+    gc.collect()  # handles of earlier tests would keep their slabs
     before = gcoffload.configure()
     try:
         settings = gcoffload.configure(host_budget_bytes=0, over_budget="keep")
         assert settings["host_budget_bytes"] == 0
+        pool_stats = gcoffload.stats()["pools"]["cpu"]
+        assert pool_stats["budget_bytes"] == 0 and pool_stats["reserved_bytes"] == 0, (
+            "unused slabs were trimmed"
+        )
         assert engine.offload(torch.zeros(1000)).placement == "device"
-        assert gcoffload.stats()["pools"]["cpu"]["budget_bytes"] == 0
     finally:
         gcoffload.configure(**{key: before[key] for key in ("host_budget_bytes", "over_budget")})
     assert engine.offload(torch.zeros(1000)).placement == "pool"
