@@ -14,6 +14,7 @@ The pieces, top to bottom (a tensor's path in the forward pass):
 
 from .engine import CopyEngine, Handle, configure, get_engine, reset_stats, stats
 from .function import OffloadOptions, checkpoint
+from .hf import patch_model, prepare_model_for_training, unpatch_model
 from .policy import LayerCheckpointer, selective_checkpoint_function
 from .wrap import WrappedLayers, wrap_layers
 
@@ -28,8 +29,11 @@ __all__ = [
     "checkpoint",
     "configure",
     "get_engine",
+    "patch_model",
+    "prepare_model_for_training",
     "reset_stats",
     "selective_checkpoint_function",
     "stats",
+    "unpatch_model",
     "wrap_layers",
 ]

@@ -1,0 +1,88 @@
+"""Tiny transformers models built from configs (no hub), with dropout on, and training helpers."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+transformers = __import__("pytest").importorskip("transformers")
+
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+VOCAB = 64
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"]}
+LORA_TARGETS["gpt2"] = ["c_attn"]
+
+
+def config(family: str, layers: int = 4) -> transformers.PretrainedConfig:
+    """A 4-layer, 32-wide config with dropout on and, as for training, no KV cache.
+
+    The reference runs need ``use_cache=False`` too: with a cache, GPT-2 routes
+    keys and values through the cache's concatenation and its gradients differ
+    in the last bits from any checkpointed run (torch's own checkpoint included).
+    """
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+            resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, use_cache=False,
+        )  # fmt: skip
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[family]
+    return config_class(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.1,
+        use_cache=False,
+    )  # fmt: skip
+
+
+def model(family: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    built = transformers.AutoModelForCausalLM.from_config(config(family, layers), attn_implementation="eager")
+    return built.float()
+
+
+def pair(family: str, layers: int = 4) -> tuple[torch.nn.Module, torch.nn.Module]:
+    reference = model(family, layers)
+    return reference, copy.deepcopy(reference)
+
+
+def lora(base: torch.nn.Module, family: str, seed: int = 3) -> torch.nn.Module:
+    peft = __import__("pytest").importorskip("peft")
+    torch.manual_seed(seed)
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=LORA_TARGETS[family])
+    return peft.get_peft_model(base, lora_config)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.transformer.h if hasattr(inner, "transformer") else inner.model.layers
+
+
+def batch(size: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (size, length), generator=torch.Generator().manual_seed(seed))
+
+
+def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, seed: int = 123) -> tuple[torch.Tensor, dict]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_same(expected: tuple, actual: tuple) -> None:
+    assert torch.equal(actual[0], expected[0])
+    assert actual[1].keys() == expected[1].keys() and actual[1]
+    for name, grad in actual[1].items():
+        assert torch.equal(grad, expected[1][name]), name
+
+
+@functools.cache
+def has_activation_checkpointing() -> bool:
+    return hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable")

@@ -1,0 +1,198 @@
+"""patch_model on transformers models, PEFT LoRA and freeze-tuning, against runs without checkpointing."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import warnings
+
+import hf_models
+import pytest
+import torch
+from hf_models import FAMILIES, assert_same, batch, decoder_layers, loss_and_grads
+
+import gcoffload
+from gcoffload.policy import LayerCheckpointer, resolve_module
+
+pytestmark = pytest.mark.hf
+
+ENGINE = gcoffload.get_engine("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters():
+    gc.collect()
+    ENGINE.reset_stats()
+    yield
+    gc.collect()
+    assert ENGINE.stats()["live_handles"] == 0
+    assert ENGINE._impl.pool.stats()["in_use_bytes"] == 0
+
+
+def installed_functions(model: torch.nn.Module) -> set[type]:
+    return {
+        type(module._gradient_checkpointing_func)
+        for module in model.modules()
+        if getattr(module, "gradient_checkpointing", False)
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_full_fine_tuning_matches_no_checkpointing(family, use_reentrant):
+    reference, model = hf_models.pair(family)
+    ids = batch()
+    expected = loss_and_grads(reference, ids)
+    gcoffload.patch_model(model, use_reentrant=use_reentrant, min_offload_bytes=0)
+    assert installed_functions(model) == {LayerCheckpointer}
+    assert model.config.use_cache is False
+    assert_same(expected, loss_and_grads(model, ids))
+    stats = ENGINE.stats()
+    assert stats["checkpointed_layers"] == 4 and stats["recomputes"] == 4
+    assert stats["offloads"] == 3 and stats["prefetch_hits"] == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("patch_first", [False, True], ids=["patch-peft-model", "peft-wraps-patched-model"])
+def test_peft_lora_with_frozen_embeddings_matches(family, patch_first):
+    reference = hf_models.lora(hf_models.model(family), family)
+    base = hf_models.model(family)
+    if patch_first:
+        gcoffload.patch_model(base, use_reentrant=True, min_offload_bytes=0)
+        model = hf_models.lora(base, family)
+    else:
+        model = gcoffload.patch_model(hf_models.lora(base, family), use_reentrant=True, min_offload_bytes=0)
+    ids = batch()
+    expected = loss_and_grads(reference, ids)
+    assert all("lora_" in name for name in expected[1])
+    assert_same(expected, loss_and_grads(model, ids))
+    assert ENGINE.stats()["checkpointed_layers"] == 4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_freeze_tuning_the_last_two_layers_checkpoints_only_those(family):
+    reference, model = hf_models.pair(family)
+    for candidate in (reference, model):
+        candidate.requires_grad_(False)
+        for layer in decoder_layers(candidate)[-2:]:
+            layer.requires_grad_(True)
+    ids = batch()
+    expected = loss_and_grads(reference, ids)
+    gcoffload.patch_model(model, min_offload_bytes=0)
+    assert_same(expected, loss_and_grads(model, ids))
+    stats = ENGINE.stats()
+    assert stats["checkpointed_layers"] == 2 and stats["plain_layers"] == 2
+
+
+def test_the_seed_helpers_compose_into_a_checkpoint_function():
+    reference = hf_models.lora(hf_models.model("llama"), "llama")
+    model = hf_models.lora(hf_models.model("llama"), "llama")
+    function = gcoffload.selective_checkpoint_function(
+        gcoffload.hf.offloaded_checkpoint_function(keep_resident=0, min_offload_bytes=0)
+    )
+    model.get_base_model()._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
+    ids = batch()
+    assert_same(loss_and_grads(reference, ids), loss_and_grads(model, ids))
+    assert ENGINE.stats()["offloads"] == 4
+
+
+def test_module_resolution_covers_every_call_shape():
+    layer = decoder_layers(hf_models.model("llama"))[0]
+    forward = type(layer).forward
+    shapes = [
+        layer.__call__,  # transformers <= 4.51
+        functools.partial(super(type(layer), layer).__call__, attention_mask=None),  # 4.52 - 5.22
+        functools.partial(forward, layer, attention_mask=None),  # 5.23+
+    ]
+    assert [resolve_module(shape) for shape in shapes] == [layer] * 3
+
+
+def test_every_n_layers_from_the_enable_call_applies():
+    reference, model = hf_models.pair("llama")
+    ids = batch()
+    expected = loss_and_grads(reference, ids)
+    gcoffload.patch_model(model, min_offload_bytes=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"every_n_layers": 2})
+    assert_same(expected, loss_and_grads(model, ids))
+    stats = ENGINE.stats()
+    assert stats["checkpointed_layers"] == 2 and stats["plain_layers"] == 2
+
+
+def test_enable_kwargs_choose_the_path():
+    model = gcoffload.patch_model(hf_models.model("llama"))
+
+    def reentrant() -> set[bool]:
+        return {
+            module._gradient_checkpointing_func.use_reentrant
+            for module in model.modules()
+            if getattr(module, "gradient_checkpointing", False)
+        }
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert reentrant() == {False}
+    model.gradient_checkpointing_enable()
+    assert reentrant() == {True}
+
+
+class TestEntryPoints:
+    def test_enable_keeps_the_parameter_name_peft_inspects(self):
+        import inspect
+
+        model = gcoffload.patch_model(hf_models.model("llama"))
+        assert (
+            "gradient_checkpointing_kwargs"
+            in inspect.signature(model.gradient_checkpointing_enable).parameters
+        )
+
+    @pytest.mark.skipif(
+        not hf_models.has_activation_checkpointing(),
+        reason="activation_checkpointing_enable is transformers 5.23+",
+    )
+    def test_the_deprecation_path_neither_recurses_nor_warns(self):
+        model = gcoffload.patch_model(hf_models.model("llama"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.activation_checkpointing_enable(every_n_layers=1, offload=True)
+            # The class's own method, as a subclass's super() call would reach it.
+            type(model).__mro__[1].activation_checkpointing_enable(model)
+        assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
+        assert installed_functions(model) == {LayerCheckpointer}
+
+    def test_input_require_grads_is_deferred_while_patched_and_restored_after(self):
+        model = hf_models.model("llama")
+        model.enable_input_require_grads()
+        gcoffload.patch_model(model)
+        embeddings = model.get_input_embeddings()
+        assert not embeddings._forward_hooks, "the hook was removed: the selective rule replaces it"
+        model.enable_input_require_grads()
+        assert not embeddings._forward_hooks
+        gcoffload.unpatch_model(model)
+        assert len(embeddings._forward_hooks) == 1
+
+    def test_unpatch_restores_stock_behaviour(self):
+        model = hf_models.model("llama")
+        model.config.use_cache = True
+        gcoffload.patch_model(model)
+        gcoffload.unpatch_model(model)
+        assert "gradient_checkpointing_enable" not in model.__dict__
+        assert not hasattr(model, "_gcoffload_patch")
+        assert model.config.use_cache is True
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        enable = model.activation_checkpointing_enable if hf_models.has_activation_checkpointing() else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            (enable or model.gradient_checkpointing_enable)()
+        assert LayerCheckpointer not in installed_functions(model)
+        with pytest.raises(ValueError, match="not patched"):
+            gcoffload.unpatch_model(model)
+
+    def test_bad_input(self):
+        with pytest.raises(TypeError, match="no transformers PreTrainedModel"):
+            gcoffload.patch_model(torch.nn.Linear(2, 2))
+        with pytest.raises(ValueError, match="keep_resident"):
+            gcoffload.patch_model(hf_models.model("llama"), keep_resident=-1)
+        model = hf_models.model("llama")
+        with pytest.raises(ValueError, match="every_n_layers"):
+            gcoffload.patch_model(model, every_n_layers=0)
+        assert "gradient_checkpointing_enable" not in model.__dict__, "a refused patch changes nothing"
