@@ -65,14 +65,27 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Runs the benchmark suite (a CPU smoke run without a GPU)."""
+    from .bench import suite
+
+    return suite.main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gcoffload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "bench", help="run the benchmark suite (see: python -m gcoffload bench --help)", add_help=False
+    ).set_defaults(run=bench)
     commands.add_parser("build", help="build the C++ extension now").set_defaults(run=build)
     info_parser = commands.add_parser("info", help="versions, device, extension and pool state")
     info_parser.add_argument("--json", action="store_true", help="print JSON")
     info_parser.set_defaults(run=info)
-    args = parser.parse_args(argv)
+    # The suite parses its own options, so they are passed through untouched.
+    args, args.rest = parser.parse_known_args(argv)
+    if args.rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
     return args.run(args)
 
 

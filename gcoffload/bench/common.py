@@ -1,0 +1,115 @@
+"""What every benchmark scenario shares: device helpers, step timing, statistics, tables."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .. import __version__
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Wall time (ms) of each of ``steps`` steps after ``warmup`` untimed ones, device-synchronised."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, 20th and 80th percentile."""
+    if len(values) == 1:
+        return {"median": values[0], "p20": values[0], "p80": values[0]}
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return {"median": statistics.median(values), "p20": deciles[1], "p80": deciles[7]}
+
+
+def gbps(nbytes: float, milliseconds: float) -> float | None:
+    return nbytes / milliseconds / 1e6 if milliseconds > 0 else None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Machine, device and versions, recorded next to every result."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "gcoffload": __version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "python": platform.python_version(),
+        "smoke_run": device.type == "cpu",
+    }
+
+
+def format_value(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "ms":
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    if kind == "pct":
+        return f"{100 * value:+.1f}%"
+    if kind == "frac":
+        return f"{100 * value:.0f}%"
+    if kind == "gib":
+        return f"{value / GIB:.2f}"
+    if kind == "gbps":
+        return f"{value:.1f}"
+    if kind == "bytes":
+        return f"{value / MIB:.0f} MiB" if value >= MIB else f"{value / 1024:.0f} KiB"
+    return str(value)
+
+
+def table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A markdown table; ``columns`` are (key, header, kind) with kind as in :func:`format_value`."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(key), kind) for key, _, kind in columns) + " |")
+    return "\n".join(lines)

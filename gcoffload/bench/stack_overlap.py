@@ -1,0 +1,253 @@
+"""Scenario (b): a decoder stack under each strategy, with gcoffload's copies traced.
+
+Per strategy: step time (median, p20, p80), overhead against plain
+checkpointing, peak memory, memory held after the forward pass next to the
+prediction, and for gcoffload the achieved D2H/H2D bandwidth next to a raw
+pinned copy of the same size measured in the same run, the overlap fraction
+(1 - exposed copy time / copy time, the exposed time being the step time above
+plain checkpointing), pinned bytes and host allocations after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..engine import get_engine
+from . import common
+from .copy_bandwidth import raw_copy_ms
+from .decoder import LLAMA_1B, LLAMA_8B, SMOKE, DecoderShape, build_stack
+from .strategies import STRATEGIES, Strategy
+
+SHAPES = {shape.name: shape for shape in (LLAMA_1B, LLAMA_8B, SMOKE)}
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    shape: DecoderShape
+    layers: int
+    batch: int
+    length: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.name} L={self.layers} {self.batch}x{self.length}"
+
+    def input_bytes(self, dtype: torch.dtype) -> int:
+        return self.batch * self.length * self.shape.hidden * torch.empty((), dtype=dtype).element_size()
+
+
+def run(
+    config: StackConfig,
+    strategies: Sequence[Strategy],
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    steps: int,
+    advance: Callable[[str], None] = lambda label: None,
+) -> dict[str, Any]:
+    """Measures every strategy on one stack; returns a JSON-ready dict with a row per strategy."""
+    stack = build_stack(config.shape, config.layers, device, dtype)
+    torch.manual_seed(1)
+    inputs = torch.randn(config.batch, config.length, config.shape.hidden, device=device, dtype=dtype)
+    inputs.requires_grad_(True)
+    output_grad = torch.randn_like(inputs)
+    input_bytes = config.input_bytes(dtype)
+    rows, timeline = [], None
+    for strategy in strategies:
+        advance(f"{config.label} {strategy.name}")
+        try:
+            row, trace = _measure(strategy, stack, inputs, output_grad, config, device, warmup, steps)
+        except torch.OutOfMemoryError:
+            row, trace = {"strategy": strategy.name, "oom": True}, None
+        rows.append(row)
+        if strategy.name == "gcoffload-d1":
+            timeline = trace
+    raw = {
+        "d2h_gbps": common.gbps(input_bytes, raw_copy_ms(input_bytes, device, "d2h")),
+        "h2d_gbps": common.gbps(input_bytes, raw_copy_ms(input_bytes, device, "h2d")),
+    }
+    _relate(rows, raw, overlap=device.type != "cpu")
+    del stack, inputs, output_grad
+    return {
+        "config": {
+            **config.shape.as_dict(),
+            "layers": config.layers,
+            "batch": config.batch,
+            "length": config.length,
+        },
+        "label": config.label,
+        "dtype": str(dtype),
+        "layer_input_bytes": input_bytes,
+        "raw_copy": raw,
+        "strategies": rows,
+        "timeline": timeline,
+    }
+
+
+def _measure(
+    strategy: Strategy,
+    stack: torch.nn.ModuleList,
+    inputs: torch.Tensor,
+    output_grad: torch.Tensor,
+    config: StackConfig,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+) -> tuple[dict[str, Any], list[dict] | None]:
+    engine = get_engine(device)
+    pool = engine._impl.pool
+    with strategy.activate(stack) as forward:
+
+        def step() -> None:
+            stack.zero_grad(set_to_none=True)
+            inputs.grad = None
+            forward(inputs).backward(output_grad)
+
+        for _ in range(warmup):
+            step()
+        engine.reset_stats()
+        host_allocations = pool.stats()["host_alloc_calls"]
+        times = common.time_steps(step, device, warmup=0, steps=steps)
+        host_allocations = pool.stats()["host_alloc_calls"] - host_allocations
+        copies = engine.stats()
+
+        stack.zero_grad(set_to_none=True)
+        inputs.grad = None
+        common.synchronize(device)
+        common.reset_peak(device)
+        before = common.allocated_bytes(device)
+        with engine.trace() as trace:
+            output = forward(inputs)
+            engine.synchronize()
+            common.synchronize(device)
+            held = common.allocated_bytes(device)
+            output.backward(output_grad)
+            common.synchronize(device)
+        peak = common.peak_bytes(device)
+        del output
+
+    input_bytes = config.input_bytes(inputs.dtype)
+    row: dict[str, Any] = {
+        "strategy": strategy.name,
+        "description": strategy.description,
+        "step_ms": common.spread(times),
+        "median_ms": statistics.median(times),
+        "peak_bytes": None if peak is None else peak - before,
+        "held_after_forward_bytes": None if held is None else held - before,
+        "predicted_held_bytes": None
+        if strategy.held_inputs is None
+        else strategy.held_inputs(config.layers) * input_bytes,
+    }
+    if strategy.engine:
+        row.update(_copy_metrics(trace, steps, copies))
+        row["host_allocations_after_warmup"] = host_allocations
+        row["pinned_bytes"] = pool.stats()["reserved_bytes"]
+    return row, trace if strategy.engine else None
+
+
+def _copy_metrics(trace: list[dict], steps: int, copies: dict[str, int]) -> dict[str, Any]:
+    by_direction = {"offload": [], "prefetch": []}
+    for entry in trace:
+        if entry["op"] in by_direction:
+            by_direction[entry["op"]].append(entry)
+
+    def direction(entries: list[dict]) -> tuple[float | None, float]:
+        total_ms = sum(entry["end_ms"] - entry["start_ms"] for entry in entries)
+        rates = [common.gbps(entry["nbytes"], entry["end_ms"] - entry["start_ms"]) for entry in entries]
+        rates = [rate for rate in rates if rate is not None]
+        return (statistics.median(rates) if rates else None), total_ms
+
+    d2h_gbps, d2h_ms = direction(by_direction["offload"])
+    h2d_gbps, h2d_ms = direction(by_direction["prefetch"])
+    return {
+        "d2h_gbps": d2h_gbps,
+        "h2d_gbps": h2d_gbps,
+        "copy_ms_per_step": d2h_ms + h2d_ms,
+        "offloads_per_step": copies["offloads"] / steps,
+        "prefetch_hits_per_step": copies["prefetch_hits"] / steps,
+        "on_demand_fetches_per_step": copies["on_demand_fetches"] / steps,
+    }
+
+
+def _relate(rows: list[dict[str, Any]], raw: dict[str, float | None], overlap: bool) -> None:
+    """Adds what needs another row: overhead against plain checkpointing, overlap, share of raw bandwidth.
+
+    Overlap is left out on the CPU, where copies are synchronous and step-time
+    noise would pass for overlap.
+    """
+    baseline = next((row for row in rows if row["strategy"] == "checkpoint" and not row.get("oom")), None)
+    for row in rows:
+        if row.get("oom") or baseline is None:
+            continue
+        row["overhead_vs_checkpoint"] = row["median_ms"] / baseline["median_ms"] - 1
+        if overlap and row.get("copy_ms_per_step"):
+            exposed = max(0.0, row["median_ms"] - baseline["median_ms"])
+            row["overlap_fraction"] = max(0.0, 1 - exposed / row["copy_ms_per_step"])
+        for direction in ("d2h", "h2d"):
+            achieved, reference = row.get(f"{direction}_gbps"), raw[f"{direction}_gbps"]
+            if achieved and reference:
+                row[f"{direction}_vs_raw"] = achieved / reference
+
+
+COLUMNS = [
+    ("strategy", "strategy", "str"),
+    ("median_ms", "step ms", "ms"),
+    ("p20_ms", "p20", "ms"),
+    ("p80_ms", "p80", "ms"),
+    ("overhead_vs_checkpoint", "vs checkpoint", "pct"),
+    ("peak_bytes", "peak GiB", "gib"),
+    ("held_after_forward_bytes", "held after fwd GiB", "gib"),
+    ("predicted_held_bytes", "predicted GiB", "gib"),
+    ("d2h_gbps", "D2H GB/s", "gbps"),
+    ("h2d_gbps", "H2D GB/s", "gbps"),
+    ("overlap_fraction", "overlap", "frac"),
+    ("host_allocations_after_warmup", "host allocs", "str"),
+]
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = [
+        {**row, "p20_ms": row["step_ms"]["p20"], "p80_ms": row["step_ms"]["p80"]}
+        if not row.get("oom")
+        else row
+        for row in result["strategies"]
+    ]
+    for row in rows:
+        if row.get("oom"):
+            row["median_ms"] = None
+            row["description"] = "out of memory"
+    raw = result["raw_copy"]
+    header = (
+        f"### {result['label']} ({result['dtype']}, "
+        f"layer input {common.format_value(result['layer_input_bytes'], 'bytes')})\n"
+        f"raw pinned copy of one layer input: D2H {common.format_value(raw['d2h_gbps'], 'gbps')} GB/s, "
+        f"H2D {common.format_value(raw['h2d_gbps'], 'gbps')} GB/s\n\n"
+    )
+    return header + common.table(rows, COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b-like")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--strategies", nargs="+", choices=sorted(STRATEGIES), default=list(STRATEGIES))
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    device = get_engine().device
+    dtype = torch.bfloat16 if device.type != "cpu" else torch.float32
+    config = StackConfig(SHAPES[args.shape], args.layers, args.batch, args.length)
+    result = run(
+        config, [STRATEGIES[name] for name in args.strategies], device, dtype, args.warmup, args.steps
+    )
+    print(report(result))
