@@ -129,7 +129,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return c10::DeviceTypeName(pool.device_type(), /*lower_case=*/true);
           })
       .def("reserve", &PinnedPool::reserve, py::arg("nbytes"))
-      .def("trim", &PinnedPool::trim)
+      .def("trim", &PinnedPool::trim, py::call_guard<py::gil_scoped_release>())
       .def(
           "set_budget",
           [](PinnedPool& pool, std::optional<int64_t> nbytes) {
@@ -140,7 +140,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             pool.set_budget(
                 nbytes ? static_cast<size_t>(*nbytes) : PinnedPool::kUnlimited);
           },
-          py::arg("nbytes"))
+          py::arg("nbytes"),
+          py::call_guard<py::gil_scoped_release>())
       .def("set_slab_bytes", &PinnedPool::set_slab_bytes, py::arg("nbytes"))
       .def("stats", &pool_stats)
       .def("reset_peak", &PinnedPool::reset_peak);

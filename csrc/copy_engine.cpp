@@ -1,5 +1,6 @@
 #include "copy_engine.h"
 
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -18,6 +19,9 @@ namespace gcoffload {
 // and any accelerator torch registers these pieces for (CUDA, ROCm, XPU)
 // works unchanged. The CPU has no streams: `has_streams_` is false, copies
 // are synchronous and every Fence is complete when made.
+// The two side streams come from the device's pool of high-priority streams.
+// torch.cuda.Stream() and NCCL draw from the low-priority pool by default, and
+// a stream shared with them would queue our copies behind their work.
 
 // Note [Source lifetime]
 // ~~~~~~~~~~~~~~~~~~~~~~
@@ -34,7 +38,9 @@ namespace gcoffload {
 // oldest one; after that wait any reuse of its memory by the compute stream is
 // ordered behind the copy, so the reference can go. This assumes the memory
 // belongs to the compute stream, which holds for tensors made by the forward
-// pass that offloads them.
+// pass that offloads them; likewise a prefetched tensor is expected to be
+// fetched on the stream that was current when it was prefetched (autograd
+// runs a graph's backward nodes on the stream of their forward).
 
 // Note [Destination allocated on the compute stream]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -46,6 +52,17 @@ namespace gcoffload {
 // stream first waits for a fence recorded on the compute stream right after
 // the allocation. It also waits for the D2H copy that filled the host buffer.
 // Finally `fetch` makes the compute stream wait for the H2D copy.
+
+// Note [Offload copies plain bytes]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// What goes to the host must be the tensor's values as one linear run of
+// bytes, with no work left for the host to do after the DMA is queued. So,
+// on the compute stream and before the copy: non-contiguous tensors are
+// compacted (`fetch` returns the contiguous layout), and lazy conjugate or
+// negative views are materialised. Left lazy, `copy_` would queue the DMA
+// and then fix up the host tensor in place at once, before the DMA had
+// written it, and the fix-up would be lost. Copies run under NoGradGuard:
+// a fetched tensor is plain data, with no autograd history.
 
 // Note [Dropped handles]
 // ~~~~~~~~~~~~~~~~~~~~~~
@@ -62,7 +79,7 @@ c10::Stream side_stream(c10::Device device) {
     return c10::Stream(c10::Stream::DEFAULT, device);
   }
   return c10::impl::VirtualGuardImpl(device.type())
-      .getStreamFromGlobalPool(device, /*isHighPriority=*/false);
+      .getStreamFromGlobalPool(device, /*isHighPriority=*/true);
 }
 
 // Makes `stream` current for a scope; the CPU has no streams to switch.
@@ -146,9 +163,9 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
       tensor.layout() == at::kStrided,
       "offload: tensor must be dense (strided), got layout ",
       tensor.layout());
-  // Non-contiguous tensors are compacted on the compute stream first, so the
-  // copy is one linear transfer; `fetch` returns the contiguous layout.
-  at::Tensor source = tensor.contiguous();
+  // See Note [Offload copies plain bytes].
+  at::NoGradGuard no_grad;
+  at::Tensor source = tensor.resolve_conj().resolve_neg().contiguous();
   std::shared_ptr<Handle> handle;
   std::vector<at::Tensor> dropped;
   std::lock_guard<std::mutex> lock(mutex_);
@@ -262,6 +279,7 @@ at::Tensor CopyEngine::fetch(Handle& handle) {
 
 void CopyEngine::copy_to_device(Handle& handle) {
   // See Note [Destination allocated on the compute stream].
+  at::NoGradGuard no_grad;
   at::Tensor destination = at::empty(
       handle.sizes_, at::TensorOptions().dtype(handle.dtype_).device(device_));
   Fence::record(compute_stream()).block(h2d_stream_);
@@ -400,6 +418,7 @@ std::vector<TraceEntry> CopyEngine::stop_trace() {
     records.swap(trace_);
     origin = trace_origin_;
   }
+  origin.synchronize();
   std::vector<TraceEntry> entries;
   entries.reserve(records.size());
   for (TraceRecord& record : records) {

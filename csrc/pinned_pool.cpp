@@ -63,43 +63,78 @@ PinnedPool::~PinnedPool() = default;
 std::optional<HostBlock> PinnedPool::acquire(size_t nbytes) {
   TORCH_INTERNAL_ASSERT(nbytes > 0, "acquire of an empty buffer");
   const size_t size = align_up(nbytes);
-  std::lock_guard<std::mutex> lock(mutex_);
-  collect_retired();
-
   std::optional<HostBlock> block;
-  auto free_list = free_.find(size);
-  if (free_list != free_.end() && !free_list->second.empty()) {
-    block = std::move(free_list->second.back());
-    free_list->second.pop_back();
-    block->slab->live += 1;
-    stats_.reuse_hits += 1;
-  } else {
-    block = carve(size);
-  }
-  if (!block) {
-    const size_t capacity = std::max(slab_bytes_, next_power_of_two(size));
-    const auto fits = [&](size_t bytes) {
-      return static_cast<size_t>(stats_.reserved_bytes) + bytes <= budget_;
-    };
-    if (!fits(capacity)) {
-      trim_locked();
+  size_t trimmed = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    collect_retired();
+    block = take_free(size);
+    if (!block) {
+      block = carve(size);
     }
-    // A whole slab if the budget allows, else just this buffer.
-    if (fits(capacity)) {
-      add_slab(capacity);
-    } else if (fits(size)) {
-      add_slab(size);
+    if (!block) {
+      auto capacity = new_slab_capacity(size);
+      if (!capacity) {
+        trimmed = trim_locked();
+        capacity = new_slab_capacity(size);
+      }
+      if (capacity) {
+        add_slab(*capacity);
+        block = carve(size);
+      }
     }
-    block = carve(size);
+    if (block) {
+      stats_.in_use_bytes += static_cast<int64_t>(block->nbytes);
+      stats_.peak_in_use_bytes =
+          std::max(stats_.peak_in_use_bytes, stats_.in_use_bytes);
+    } else {
+      stats_.spills += 1;
+    }
   }
-  if (!block) {
-    stats_.spills += 1;
-    return std::nullopt;
+  if (trimmed > 0) {
+    release_to_system();
   }
-  stats_.in_use_bytes += static_cast<int64_t>(size);
-  stats_.peak_in_use_bytes =
-      std::max(stats_.peak_in_use_bytes, stats_.in_use_bytes);
   return block;
+}
+
+std::optional<HostBlock> PinnedPool::take_free(size_t nbytes) {
+  // Exact size first; else the smallest free buffer at most 1/kReuseSlack
+  // larger, so that shapes varying a little (dynamic padding) still reuse.
+  const size_t largest = nbytes + nbytes / kReuseSlack;
+  for (auto it = free_.lower_bound(nbytes);
+       it != free_.end() && it->first <= largest;) {
+    if (it->second.empty()) {
+      it = free_.erase(it);
+      continue;
+    }
+    HostBlock block = std::move(it->second.back());
+    it->second.pop_back();
+    block.slab->live += 1;
+    stats_.reuse_hits += 1;
+    return block;
+  }
+  return std::nullopt;
+}
+
+std::optional<size_t> PinnedPool::new_slab_capacity(size_t nbytes) const {
+  // Always a power of two: torch's host allocator rounds other sizes up, and
+  // the budget would no longer count what is really pinned.
+  const size_t reserved = static_cast<size_t>(stats_.reserved_bytes);
+  const size_t smallest = next_power_of_two(nbytes);
+  for (size_t capacity : {std::max(slab_bytes_, smallest), smallest}) {
+    if (reserved + capacity <= budget_) {
+      return capacity;
+    }
+  }
+  return std::nullopt;
+}
+
+void PinnedPool::release_to_system() {
+  // Torch's host allocator caches what the pool frees; empty it so the memory
+  // goes back to the OS. It holds other users' unused pinned blocks too.
+  if (device_type_ != c10::DeviceType::CPU) {
+    at::getHostAllocator(device_type_)->empty_cache();
+  }
 }
 
 void PinnedPool::release(HostBlock block, Fence last_use) {
@@ -195,9 +230,8 @@ size_t PinnedPool::trim() {
     collect_retired();
     freed = trim_locked();
   }
-  if (freed > 0 && device_type_ != c10::DeviceType::CPU) {
-    // Torch's host allocator caches what we free; hand it back to the OS.
-    at::getHostAllocator(device_type_)->empty_cache();
+  if (freed > 0) {
+    release_to_system();
   }
   return freed;
 }

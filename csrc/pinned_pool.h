@@ -11,7 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <unordered_map>
+#include <map>
 #include <utility>
 #include <vector>
 
@@ -47,12 +47,13 @@ struct PoolStats {
   int64_t budget_bytes = 0;
 };
 
-// Host buffers for offloaded tensors, reused by exact (aligned) size.
+// Host buffers for offloaded tensors, reused by (aligned) size.
 //
 // Buffers are carved from slabs with a bump pointer and, once released, kept
 // in a free list keyed by their size: a training step offloads the same shapes
 // every time, so from the second step on every acquire is a free-list hit and
-// the pool makes no host allocation. Slabs for an accelerator come from torch's
+// the pool makes no host allocation. A request takes an exact-size buffer, or
+// the smallest free one at most a quarter larger. Slabs for an accelerator come from torch's
 // host allocator for that device type (page-locked memory that DMA engines can
 // read without staging); for the CPU, from the CPU allocator. Slab sizes are
 // powers of two, so torch's power-of-two rounding wastes nothing.
@@ -61,6 +62,7 @@ struct PoolStats {
 class PinnedPool {
  public:
   static constexpr size_t kAlignment = 512;
+  static constexpr size_t kReuseSlack = 4; // reuse buffers up to 1/4 larger
   static constexpr size_t kUnlimited = std::numeric_limits<size_t>::max();
 
   explicit PinnedPool(c10::DeviceType device_type);
@@ -92,16 +94,19 @@ class PinnedPool {
   void reset_peak();
 
  private:
-  // All private members expect `mutex_` to be held.
+  // Private members but release_to_system expect `mutex_` to be held.
   void collect_retired();
+  std::optional<HostBlock> take_free(size_t nbytes);
   std::optional<HostBlock> carve(size_t nbytes);
+  std::optional<size_t> new_slab_capacity(size_t nbytes) const;
   void add_slab(size_t capacity);
   size_t trim_locked();
+  void release_to_system();
 
   const c10::DeviceType device_type_;
   std::mutex mutex_;
   std::vector<std::shared_ptr<Slab>> slabs_;
-  std::unordered_map<size_t, std::vector<HostBlock>> free_;
+  std::map<size_t, std::vector<HostBlock>> free_; // by size, for best fit
   std::vector<std::pair<HostBlock, Fence>> retiring_;
   size_t budget_ = kUnlimited;
   size_t slab_bytes_ = size_t{256} << 20;

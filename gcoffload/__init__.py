@@ -13,9 +13,10 @@ The pieces, top to bottom (a tensor's path in the forward pass):
 """
 
 from .engine import CopyEngine, Handle, configure, get_engine, reset_stats, stats
-from .function import OffloadOptions, checkpoint
+from .function import checkpoint
 from .hf import patch_model, prepare_model_for_training, unpatch_model
 from .policy import LayerCheckpointer, selective_checkpoint_function
+from .saved_input import OffloadOptions
 from .wrap import WrappedLayers, wrap_layers
 
 __version__ = "0.1.0"

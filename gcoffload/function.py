@@ -22,42 +22,9 @@ from typing import Any
 import torch
 
 from . import nonreentrant
-from .engine import get_engine
-from .saved_input import SavedInput, admit
+from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions, SavedInput, save
 
-__all__ = ["OffloadOptions", "checkpoint"]
-
-DEFAULT_MIN_OFFLOAD_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class OffloadOptions:
-    """How a checkpointed layer's input is kept.
-
-    Args:
-        offload: park the input in host memory; False gives plain checkpointing.
-        prefetch_depth: in the backward pass of layer ``i``, start copying back
-            the inputs of layers ``i-1 .. i-prefetch_depth`` (0: fetch on demand).
-        keep_resident: the most recent inputs of a forward pass that stay on the
-            device, because backward needs them first.
-        min_offload_bytes: inputs smaller than this stay on the device.
-    """
-
-    offload: bool = True
-    prefetch_depth: int = 1
-    keep_resident: int = 1
-    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.offload, bool):
-            raise TypeError(f"offload must be a bool, got {self.offload!r}")
-        for name in ("prefetch_depth", "keep_resident", "min_offload_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-
-    def offloads(self, tensor: torch.Tensor) -> bool:
-        return self.offload and tensor.is_floating_point() and tensor.nbytes >= self.min_offload_bytes
+__all__ = ["checkpoint", "reentrant_checkpoint"]
 
 
 def checkpoint(
@@ -195,12 +162,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         saved = None
         if call.hidden_index is not None:
             hidden = leaves[call.hidden_index]
-            engine = get_engine(hidden.device)
-            offloads = call.options.offloads(hidden)
-            if call.options.offload and not offloads:
-                engine.count("kept_below_threshold")
-            saved = admit(engine, hidden, offload=offloads, keep_resident=call.options.keep_resident)
-            engine.count("checkpointed_layers")
+            saved = save(hidden, call.options)
             packer.hidden, packer.saved = hidden, saved
             ctx.saved_input = weakref.ref(saved)
         try:

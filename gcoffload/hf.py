@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .function import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions, checkpoint
+from .function import checkpoint
 from .policy import LayerCheckpointer, selective_checkpoint_function
+from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 
 __all__ = [
     "offloaded_checkpoint_function",

@@ -13,16 +13,12 @@ itself, with no nested ``backward`` call, which is what DDP without
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 
-from .engine import get_engine
-from .saved_input import SavedInput, admit
-
-if TYPE_CHECKING:
-    from .function import OffloadOptions
+from .saved_input import OffloadOptions, SavedInput, save
 
 __all__ = ["checkpoint"]
 
@@ -76,12 +72,7 @@ class _HiddenStatesHooks:
         if tensor is not self.hidden:
             return tensor
         if self.saved is None:
-            engine = get_engine(tensor.device)
-            offloads = self.options.offloads(tensor)
-            if self.options.offload and not offloads:
-                engine.count("kept_below_threshold")
-            self.saved = admit(engine, tensor, offload=offloads, keep_resident=self.options.keep_resident)
-            engine.count("checkpointed_layers")
+            self.saved = save(tensor, self.options)
         return self.saved
 
     def unpack(self, packed: Any) -> torch.Tensor:

@@ -25,7 +25,8 @@ from torch import nn
 
 from . import nonreentrant
 from .engine import get_engine
-from .function import OffloadOptions, reentrant_checkpoint
+from .function import reentrant_checkpoint
+from .saved_input import OffloadOptions
 
 __all__ = ["LayerCheckpointer", "resolve_module", "selective_checkpoint_function"]
 

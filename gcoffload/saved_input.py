@@ -22,13 +22,42 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from .engine import CopyEngine, Handle
+from .engine import CopyEngine, Handle, get_engine
 
-__all__ = ["SavedInput", "admit"]
+__all__ = ["DEFAULT_MIN_OFFLOAD_BYTES", "OffloadOptions", "SavedInput", "save"]
+
+DEFAULT_MIN_OFFLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """How a checkpointed layer's input is kept.
+
+    Args:
+        offload: park the input in host memory; False gives plain checkpointing.
+        prefetch_depth: in the backward pass of layer ``i``, start copying back
+            the inputs of layers ``i-1 .. i-prefetch_depth`` (0: fetch on demand).
+        keep_resident: the most recent inputs of a forward pass that stay on the
+            device, because backward needs them first.
+        min_offload_bytes: inputs smaller than this stay on the device.
+    """
+
+    offload: bool = True
+    prefetch_depth: int = 1
+    keep_resident: int = 1
+    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.offload, bool):
+            raise TypeError(f"offload must be a bool, got {self.offload!r}")
+        for name in ("prefetch_depth", "keep_resident", "min_offload_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
 class SavedInput:
@@ -103,38 +132,26 @@ class _ForwardChain(threading.local):
 _chain = _ForwardChain()
 
 
-def admit(
-    engine: CopyEngine,
-    tensor: torch.Tensor,
-    *,
-    offload: bool,
-    keep_resident: int,
-) -> SavedInput:
-    """Saves a layer input, links it into this thread's chain, slides the window.
+def save(tensor: torch.Tensor, options: OffloadOptions) -> SavedInput:
+    """Saves a checkpointed layer's input, links it into this thread's chain, slides the window.
 
-    Args:
-        engine: the copy engine of ``tensor``'s device.
-        tensor: the layer input to keep for the backward pass.
-        offload: whether this input may leave the device at all.
-        keep_resident: how many of the most recent offloadable inputs stay on
-            the device; older ones are offloaded now, so their copy overlaps
-            the layer about to run.
+    The input may leave the device if ``options`` allow and it is a floating
+    tensor of at least ``min_offload_bytes``. Then it joins the residency
+    window, and inputs that fall out of the window are offloaded now, so their
+    copy overlaps the layer about to run.
     """
+    engine = get_engine(tensor.device)
+    engine.count("checkpointed_layers")
+    offloads = options.offload and tensor.is_floating_point() and tensor.nbytes >= options.min_offload_bytes
+    if options.offload and not offloads:
+        engine.count("kept_below_threshold")
     previous = _chain.last() if _chain.last is not None else None
     saved = SavedInput(engine, tensor, previous)
     _chain.last = weakref.ref(saved)
-    if offload:
+    if offloads:
         _chain.window.append(weakref.ref(saved))
-        while len(_chain.window) > keep_resident:
+        while len(_chain.window) > options.keep_resident:
             oldest = _chain.window.popleft()()
             if oldest is not None:
                 oldest.offload()
     return saved
-
-
-def reset_chain() -> dict[str, Any]:
-    """Forgets this thread's chain and window (their entries stay valid)."""
-    dropped = {"window": len(_chain.window)}
-    _chain.last = None
-    _chain.window.clear()
-    return dropped

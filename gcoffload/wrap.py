@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from .function import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 from .policy import LayerCheckpointer
+from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 
 __all__ = ["WrappedLayers", "wrap_layers"]
 

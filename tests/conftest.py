@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 from gcoffload import _ext
-from gcoffload.engine import CopyEngine
+from gcoffload.engine import CopyEngine, get_engine
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -46,3 +47,15 @@ def make_engine() -> Callable[..., CopyEngine]:
         return CopyEngine(impl)
 
     return make
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[CopyEngine]:
+    """The CPU engine with fresh counters; fails the test if it leaves a handle or a host buffer behind."""
+    engine = get_engine("cpu")
+    gc.collect()
+    engine.reset_stats()
+    yield engine
+    gc.collect()
+    assert engine.stats()["live_handles"] == 0, "the test leaked handles"
+    assert engine._impl.pool.stats()["in_use_bytes"] == 0, "the test leaked host buffers"

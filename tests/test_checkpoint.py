@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from toy_models import (
@@ -20,19 +18,11 @@ from toy_models import (
 )
 
 import gcoffload
-from gcoffload.function import OffloadOptions
+from gcoffload.saved_input import OffloadOptions
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
 
 ENGINE = gcoffload.get_engine("cpu")
-
-
-@pytest.fixture(autouse=True)
-def fresh_counters():
-    gc.collect()
-    ENGINE.reset_stats()
-    yield
-    gc.collect()
-    assert ENGINE.stats()["live_handles"] == 0, "a test leaked handles"
-    assert ENGINE._impl.pool.stats()["in_use_bytes"] == 0, "a test leaked host buffers"
 
 
 def assert_same(reference: tuple, candidate: tuple) -> None:

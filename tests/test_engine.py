@@ -115,6 +115,40 @@ def test_buffers_are_carved_from_slabs_without_power_of_two_waste(make_engine):
     del handles
 
 
+def test_a_slightly_smaller_request_reuses_a_free_buffer(make_engine):
+    engine = make_engine(slab_bytes=1 << 16)
+    pool = engine._impl.pool
+    engine.fetch(engine.offload(torch.zeros(10240, dtype=torch.uint8)))
+    hits, reserved = pool.stats()["reuse_hits"], pool.stats()["reserved_bytes"]
+    handle = engine.offload(torch.zeros(9000, dtype=torch.uint8))  # at most a quarter smaller: reused
+    assert pool.stats()["reuse_hits"] == hits + 1 and pool.stats()["in_use_bytes"] == 10240
+    far_smaller = engine.offload(torch.zeros(4096, dtype=torch.uint8))  # would waste too much: carved
+    assert pool.stats()["reuse_hits"] == hits + 1 and pool.stats()["in_use_bytes"] == 10240 + 4096
+    assert pool.stats()["reserved_bytes"] == reserved
+    del handle, far_smaller
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_lazy_conjugate_and_negative_views_come_back_resolved(make_engine, device, view):
+    engine = make_engine(device)
+    base = torch.randn(1000, dtype=torch.complex64, device=device)
+    tensor = base.conj() if view == "conj" else base.conj().imag
+    assert tensor.is_conj() or tensor.is_neg()
+    expected = tensor.resolve_conj().resolve_neg().cpu()
+    fetched = engine.fetch(engine.offload(tensor))
+    assert not (fetched.is_conj() or fetched.is_neg())
+    assert torch.equal(fetched.cpu(), expected)
+
+
+def test_fetched_tensors_carry_no_autograd_history(make_engine):
+    engine = make_engine()
+    tensor = torch.randn(100, requires_grad=True) * 2
+    fetched = engine.fetch(engine.offload(tensor))
+    assert fetched.grad_fn is None and not fetched.requires_grad
+    assert torch.equal(fetched, tensor.detach())
+
+
 def test_reserve_allocates_ahead_of_offloads(make_engine):
     engine = make_engine(slab_bytes=1 << 16)
     engine.reserve(1 << 20)
@@ -168,7 +202,9 @@ class TestBudget:
         assert engine.stats()["live_handles"] == 1, "the refused offload leaves no handle behind"
         del small
 
-    def test_within_budget_uses_an_exact_slab_when_a_full_one_does_not_fit(self, make_engine):
+    def test_within_budget_uses_the_smallest_power_of_two_slab_when_a_full_one_does_not_fit(
+        self, make_engine
+    ):
         engine = make_engine(budget=4096, slab_bytes=1 << 20, over_budget="error")
         handle = engine.offload(torch.zeros(1000))
         assert handle.placement == "pool"

@@ -71,21 +71,23 @@ def test_h2d_prefetch_overlaps_compute_on_a_side_stream(make_engine):
 @pytest.mark.parametrize("max_pending", [1, 32])
 def test_source_freed_and_reused_right_after_offload_stays_intact(make_engine, max_pending):
     engine = make_engine(DEVICE, slab_bytes=1 << 26, max_pending=max_pending)
-    handles, expected = [], []
-    for seed in range(6):
-        torch.manual_seed(seed)
-        source = torch.randn(4 << 20, device=DEVICE)
-        expected.append(source.cpu())
-        # The D2H copy waits for the compute stream, which is busy; the source
-        # is dropped and its memory is requested again before the copy runs.
+    torch.manual_seed(0)
+    sources = [torch.randn(4 << 20, device=DEVICE) for _ in range(6)]
+    expected = [source.cpu() for source in sources]
+    torch.cuda.synchronize()
+    handles = []
+    while sources:
+        # The D2H copy waits for the compute stream, which is busy spinning; the
+        # source is dropped and its memory requested again before the copy runs.
         torch.cuda._sleep(SPIN_CYCLES)
+        source = sources.pop(0)
         handles.append(engine.offload(source))
         del source
         torch.empty(4 << 20, device=DEVICE).fill_(float("nan"))
     for handle, reference in zip(handles, expected, strict=True):
         assert same_bytes(engine.fetch(handle).cpu(), reference)
     if max_pending == 1:
-        assert engine.stats()["pending_waits"] >= 5
+        assert engine.stats()["pending_waits"] >= 5, "each offload found the previous copy still queued"
 
 
 def test_dropped_prefetched_handle_keeps_its_destination_until_the_copy_ends(make_engine):
@@ -115,6 +117,11 @@ def test_no_gpu_or_host_memory_growth_over_1000_round_trips(make_engine):
             engine.prefetch(handle)
         fetched = engine.fetch(handle)
         del fetched, handle
+        if step % 10 == 9:
+            # A training step waits for its results now and then; without it the host
+            # would queue copies faster than the bus drains them, and in-flight buffers
+            # would rightly need new memory.
+            torch.cuda.synchronize()
     engine.synchronize()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == allocated

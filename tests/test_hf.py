@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import gc
 import warnings
 
 import hf_models
@@ -14,19 +13,9 @@ from hf_models import FAMILIES, assert_same, batch, decoder_layers, loss_and_gra
 import gcoffload
 from gcoffload.policy import LayerCheckpointer, resolve_module
 
-pytestmark = pytest.mark.hf
+pytestmark = [pytest.mark.hf, pytest.mark.usefixtures("no_leaks")]
 
 ENGINE = gcoffload.get_engine("cpu")
-
-
-@pytest.fixture(autouse=True)
-def fresh_counters():
-    gc.collect()
-    ENGINE.reset_stats()
-    yield
-    gc.collect()
-    assert ENGINE.stats()["live_handles"] == 0
-    assert ENGINE._impl.pool.stats()["in_use_bytes"] == 0
 
 
 def installed_functions(model: torch.nn.Module) -> set[type]:

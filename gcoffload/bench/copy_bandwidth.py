@@ -24,26 +24,12 @@ GPU_SIZES = tuple(common.MIB << shift for shift in range(0, 11, 2))  # 1 MiB .. 
 SMOKE_SIZES = (common.MIB, 4 * common.MIB, 16 * common.MIB)
 
 
-def _timed_ms(copy: Callable[[], None], device: torch.device) -> float:
-    """Milliseconds ``copy`` takes: wall clock on the CPU, events on the current stream otherwise."""
-    if device.type == "cpu":
-        start = time.perf_counter()
-        copy()
-        return (time.perf_counter() - start) * 1e3
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    begin.record()
-    copy()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end)
-
-
 def raw_copy_ms(nbytes: int, device: torch.device, direction: str, repeats: int = 5) -> float:
     """Median time of one raw pinned copy of ``nbytes`` in ``direction`` ("d2h", "h2d" or "both").
 
-    Each direction runs on its own side stream, ordered after the current
-    stream on both ends, so the current stream's events bracket the copies.
+    Each direction runs on its own side stream and is timed with events on
+    that stream, from the first copy's start to the last one's end, as the
+    engine's trace times its copies.
     """
     on_device = device.type != "cpu"
     device_buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -53,23 +39,37 @@ def raw_copy_ms(nbytes: int, device: torch.device, direction: str, repeats: int 
         work.append((host_buffers[0], device_buffers[0]))
     if direction in ("h2d", "both"):
         work.append((device_buffers[1], host_buffers[1]))
-    streams = [torch.cuda.Stream(device) for _ in work] if on_device else []
+    if not on_device:
+        return statistics.median(_wall_clock_ms(work) for _ in range(repeats + 1))
+    streams = [torch.cuda.Stream(device) for _ in work]
 
-    def copy() -> None:
-        if not on_device:
-            for destination, source in work:
-                destination.copy_(source)
-            return
+    def once() -> float:
+        torch.cuda.synchronize(device)
         current = torch.cuda.current_stream(device)
+        events = []
         for stream, (destination, source) in zip(streams, work, strict=True):
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
                 destination.copy_(source, non_blocking=True)
-        for stream in streams:
-            current.wait_stream(stream)
+                end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(device)
+        origin = events[0][0]
+        return max(origin.elapsed_time(end) for _, end in events) - min(
+            origin.elapsed_time(start) for start, _ in events
+        )
 
-    copy()
-    return statistics.median(_timed_ms(copy, device) for _ in range(repeats))
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def _wall_clock_ms(work: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    start = time.perf_counter()
+    for destination, source in work:
+        destination.copy_(source)
+    return (time.perf_counter() - start) * 1e3
 
 
 def engine_copy_ms(nbytes: int, device: torch.device, direction: str, repeats: int = 5) -> float:
