@@ -58,6 +58,23 @@ def test_peft_lora_with_frozen_embeddings_matches(family, patch_first):
     assert ENGINE.stats()["checkpointed_layers"] == 4
 
 
+def test_peft_prepare_model_for_kbit_training_lands_in_gcoffload():
+    peft = pytest.importorskip("peft")
+    reference, base = hf_models.pair("llama")
+    reference = hf_models.lora(
+        peft.prepare_model_for_kbit_training(reference, use_gradient_checkpointing=False), "llama"
+    )
+    gcoffload.patch_model(base, min_offload_bytes=0)
+    prepared = peft.prepare_model_for_kbit_training(
+        base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}
+    )
+    model = hf_models.lora(prepared, "llama")
+    assert installed_functions(model) == {LayerCheckpointer}
+    ids = batch()
+    assert_same(loss_and_grads(reference, ids), loss_and_grads(model, ids))
+    assert ENGINE.stats()["checkpointed_layers"] == 4
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_freeze_tuning_the_last_two_layers_checkpoints_only_those(family):
     reference, model = hf_models.pair(family)
