@@ -21,7 +21,7 @@ import os
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -63,7 +63,6 @@ class _Patch:
     checkpointing_before: dict[nn.Module, tuple[Any, Any]]  # module -> instance (flag, function) or _NOT_SET
     use_cache_before: Any
     input_grads_requested: bool = False
-    checkpointer: LayerCheckpointer | None = field(default=None, repr=False)
 
 
 def patch_model(
@@ -110,6 +109,11 @@ def patch_model(
     base = _pretrained_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+    if "value" in inspect.signature(base._set_gradient_checkpointing).parameters:
+        raise ValueError(
+            f"{type(base).__name__} uses the checkpointing format of transformers < 4.35 "
+            "(`_set_gradient_checkpointing(module, value)`), which cannot take a checkpoint function"
+        )
     options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
     # Validates the remaining options before anything on the model changes.
     LayerCheckpointer(
@@ -222,19 +226,14 @@ def _enable(base: nn.Module, patch: _Patch, request: dict[str, Any]) -> None:
         options = OffloadOptions(
             True, options.prefetch_depth, options.keep_resident, options.min_offload_bytes
         )
-    patch.checkpointer = LayerCheckpointer(
+    checkpointer = LayerCheckpointer(
         options,
         only_trainable=patch.only_trainable,
         every_n_layers=every_n_layers if every_n_layers != 1 else patch.every_n_layers,
         use_reentrant=bool(use_reentrant),
         layer_indices=patch.layer_indices,
     )
-    if "value" in _parameters(base._set_gradient_checkpointing):
-        raise ValueError(
-            f"{type(base).__name__} uses the checkpointing format of transformers < 4.35 "
-            "(`_set_gradient_checkpointing(module, value)`), which cannot take a checkpoint function"
-        )
-    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=patch.checkpointer)
+    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpointer)
     if getattr(base, "config", None) is not None:
         base.config.use_cache = False
 
@@ -291,7 +290,8 @@ def prepare_model_for_training(model: nn.Module, model_args: Any = None, **overr
 
     Does, in order: casts 1-D norm weights to float32 (``upcast_layernorm``);
     unless ``disable_gradient_checkpointing``, :func:`patch_model` with the
-    selective rule (non-reentrant under FSDP2, with a warning), which also sets
+    selective rule (which switches to the non-reentrant path under FSDP2, with a
+    warning, on every enable), which also sets
     ``config.use_cache = False``; casts the output embedding's output to
     float32 (``upcast_lmhead_output``).
 
@@ -300,14 +300,6 @@ def prepare_model_for_training(model: nn.Module, model_args: Any = None, **overr
     """
     settings = TrainingSettings.from_arguments(model_args, overrides)
     base = _pretrained_model(model)
-    use_reentrant = settings.use_reentrant_gc
-    if use_reentrant and _fsdp2_enabled():
-        warnings.warn(
-            "gcoffload: FSDP2 is enabled (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2); "
-            "use_reentrant_gc has been set to False.",
-            stacklevel=2,
-        )
-        use_reentrant = False
 
     if settings.upcast_layernorm:
         for name, parameter in base.named_parameters():
@@ -317,7 +309,7 @@ def prepare_model_for_training(model: nn.Module, model_args: Any = None, **overr
 
     if not settings.disable_gradient_checkpointing:
         if getattr(base, "supports_gradient_checkpointing", False):
-            patch_model(model, offload=settings.use_unsloth_gc, use_reentrant=use_reentrant)
+            patch_model(model, offload=settings.use_unsloth_gc, use_reentrant=settings.use_reentrant_gc)
             logger.info("gcoffload: gradient checkpointing enabled (offload=%s)", settings.use_unsloth_gc)
         else:
             warnings.warn(f"{type(base).__name__} does not support gradient checkpointing.", stacklevel=2)
@@ -374,7 +366,3 @@ def _fsdp2_enabled() -> bool:
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         and os.environ.get("FSDP_VERSION", "1") == "2"
     )
-
-
-def _parameters(function: Callable[..., Any]) -> list[str]:
-    return list(inspect.signature(function).parameters)
