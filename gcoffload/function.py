@@ -97,12 +97,9 @@ def reentrant_checkpoint(
     preserve_rng_state: bool = True,
 ) -> Any:
     """The reentrant path of :func:`checkpoint`, with validated options."""
-    while isinstance(function, functools.partial):
-        args = (*function.args, *args)
-        kwargs = {**function.keywords, **kwargs}
-        function = function.func
+    function, args, kwargs = unwrap_partial(function, args, kwargs)
     leaves: list[torch.Tensor] = []
-    structure = _flatten((tuple(args), kwargs), leaves)
+    structure = flatten_arguments((args, kwargs), leaves)
     if not any(leaf.requires_grad for leaf in leaves):
         warnings.warn(
             "gcoffload.checkpoint: no tensor argument requires grad, so the function runs without "
@@ -119,6 +116,18 @@ def reentrant_checkpoint(
             return _OffloadedCheckpoint.apply(call, packer, *leaves)
     finally:
         packer.clear()
+
+
+def unwrap_partial(
+    function: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[Callable[..., Any], tuple, dict[str, Any]]:
+    """The same call with the arguments ``functools.partial`` layers had bound moved into it."""
+    args = tuple(args)
+    while isinstance(function, functools.partial):
+        args = (*function.args, *args)
+        kwargs = {**function.keywords, **kwargs}
+        function = function.func
+    return function, args, kwargs
 
 
 @dataclass(frozen=True)
@@ -293,14 +302,15 @@ class _AutocastState:
 _LEAF = object()
 
 
-def _flatten(value: Any, leaves: list[torch.Tensor]) -> Any:
+def flatten_arguments(value: Any, leaves: list[torch.Tensor]) -> Any:
+    """Appends the tensors in ``value`` to ``leaves``; returns the structure to rebuild it."""
     if isinstance(value, torch.Tensor):
         leaves.append(value)
         return _LEAF
     if type(value) in (tuple, list):
-        return (type(value), [_flatten(item, leaves) for item in value])
+        return (type(value), [flatten_arguments(item, leaves) for item in value])
     if type(value) is dict:
-        return (dict, {key: _flatten(item, leaves) for key, item in value.items()})
+        return (dict, {key: flatten_arguments(item, leaves) for key, item in value.items()})
     return ("constant", value)
 
 

@@ -17,7 +17,7 @@ frozen embeddings, the first trainable layer of a freeze-tuned model) gets
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from . import nonreentrant
 from .engine import get_engine
-from .function import reentrant_checkpoint
+from .function import flatten_arguments, reentrant_checkpoint, unwrap_partial
 from .saved_input import OffloadOptions
 
 __all__ = ["LayerCheckpointer", "resolve_module", "selective_checkpoint_function"]
@@ -51,40 +51,14 @@ def resolve_module(function: Callable[..., Any]) -> nn.Module | None:
 
 def _tensor_arguments(
     function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
-) -> Iterator[torch.Tensor]:
-    def walk(value: Any) -> Iterator[torch.Tensor]:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif type(value) in (tuple, list):
-            for item in value:
-                yield from walk(item)
-        elif type(value) is dict:
-            for item in value.values():
-                yield from walk(item)
-
-    yield from walk(args)
-    yield from walk(dict(kwargs))
-    while isinstance(function, functools.partial):
-        yield from walk(function.args)
-        yield from walk(function.keywords)
-        function = function.func
-
-
-def _first_positional_tensor(function: Callable[..., Any], args: tuple) -> torch.Tensor | None:
-    bound: tuple = ()
-    while isinstance(function, functools.partial):
-        bound = (*function.args, *bound)
-        function = function.func
-    return next((arg for arg in (*bound, *args) if isinstance(arg, torch.Tensor)), None)
-
-
-def gradients_flow_through(
-    module: nn.Module | None, function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
-) -> tuple[bool, bool]:
-    """(has a trainable parameter, some tensor argument requires grad)."""
-    trainable = module is not None and any(parameter.requires_grad for parameter in module.parameters())
-    input_requires_grad = any(tensor.requires_grad for tensor in _tensor_arguments(function, args, kwargs))
-    return trainable, input_requires_grad
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors among a call's positional and keyword arguments, partials unwrapped."""
+    _, args, kwargs = unwrap_partial(function, args, dict(kwargs))
+    positional: list[torch.Tensor] = []
+    keyword: list[torch.Tensor] = []
+    flatten_arguments(args, positional)
+    flatten_arguments(kwargs, keyword)
+    return positional, keyword
 
 
 def selective_checkpoint_function(
@@ -123,14 +97,15 @@ def _should_checkpoint(
 ) -> bool:
     if not torch.is_grad_enabled() or (module is not None and not module.training):
         return False
-    trainable, input_requires_grad = gradients_flow_through(module, function, args, kwargs)
-    if input_requires_grad:
+    positional, keyword = _tensor_arguments(function, args, kwargs)
+    if any(tensor.requires_grad for tensor in (*positional, *keyword)):
         return True
+    trainable = module is not None and any(parameter.requires_grad for parameter in module.parameters())
     if only_trainable and not trainable:
         return False
     if not reentrant:
         return True
-    hidden = _first_positional_tensor(function, args)
+    hidden = positional[0] if positional else None
     if hidden is None or not hidden.is_floating_point():
         return False  # a reentrant checkpoint could not produce parameter gradients
     hidden.requires_grad_(True)
@@ -189,9 +164,9 @@ class LayerCheckpointer:
             )
         ):
             if torch.is_grad_enabled() and (module is None or module.training):
-                hidden = _first_positional_tensor(function, args)
-                if hidden is not None:
-                    get_engine(hidden.device).count("plain_layers")
+                positional, _ = _tensor_arguments(function, args, kwargs)
+                if positional:
+                    get_engine(positional[0].device).count("plain_layers")
             return function(*args, **kwargs)
         if self.use_reentrant:
             return reentrant_checkpoint(function, args, kwargs, self.options)
