@@ -9,11 +9,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .. import __version__
+from ..engine import get_engine
+
+Output = TypeVar("Output")
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -35,6 +38,30 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def memory_of_step(
+    device: torch.device, forward: Callable[[], Output], backward: Callable[[Output], None]
+) -> dict[str, int | None]:
+    """Device memory one step adds to what was allocated before it (None on the CPU).
+
+    ``held_after_forward_bytes`` is read once the copy engine has drained, so
+    offloaded inputs count as gone; ``peak_bytes`` covers the whole step.
+    """
+    synchronize(device)
+    reset_peak(device)
+    before = allocated_bytes(device)
+    output = forward()
+    get_engine(device).synchronize()
+    synchronize(device)
+    held = allocated_bytes(device)
+    backward(output)
+    synchronize(device)
+    peak = peak_bytes(device)
+    return {
+        "held_after_forward_bytes": None if held is None else held - before,
+        "peak_bytes": None if peak is None else peak - before,
+    }
 
 
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:

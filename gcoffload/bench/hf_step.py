@@ -138,20 +138,13 @@ def _measure(model: Any, ids: torch.Tensor, device: torch.device, warmup: int, s
     times = common.time_steps(step, device, warmup, steps)
     engine.reset_stats()
     model.zero_grad(set_to_none=True)
-    common.synchronize(device)
-    common.reset_peak(device)
-    before = common.allocated_bytes(device)
-    loss = model(input_ids=ids, labels=ids).loss
-    engine.synchronize()
-    common.synchronize(device)
-    held = common.allocated_bytes(device)
-    loss.backward()
-    peak = common.peak_bytes(device)
+    memory = common.memory_of_step(
+        device, lambda: model(input_ids=ids, labels=ids).loss, lambda loss: loss.backward()
+    )
     return {
         "step_ms": common.spread(times),
         "median_ms": statistics.median(times),
-        "peak_bytes": None if peak is None else peak - before,
-        "held_after_forward_bytes": None if held is None else held - before,
+        **memory,
         "offloads_per_step": engine.stats()["offloads"],
     }
 

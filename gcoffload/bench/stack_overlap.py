@@ -119,18 +119,10 @@ def _measure(
 
         stack.zero_grad(set_to_none=True)
         inputs.grad = None
-        common.synchronize(device)
-        common.reset_peak(device)
-        before = common.allocated_bytes(device)
         with engine.trace() as trace:
-            output = forward(inputs)
-            engine.synchronize()
-            common.synchronize(device)
-            held = common.allocated_bytes(device)
-            output.backward(output_grad)
-            common.synchronize(device)
-        peak = common.peak_bytes(device)
-        del output
+            memory = common.memory_of_step(
+                device, lambda: forward(inputs), lambda output: output.backward(output_grad)
+            )
 
     input_bytes = config.input_bytes(inputs.dtype)
     row: dict[str, Any] = {
@@ -138,8 +130,7 @@ def _measure(
         "description": strategy.description,
         "step_ms": common.spread(times),
         "median_ms": statistics.median(times),
-        "peak_bytes": None if peak is None else peak - before,
-        "held_after_forward_bytes": None if held is None else held - before,
+        **memory,
         "predicted_held_bytes": None
         if strategy.held_inputs is None
         else strategy.held_inputs(config.layers) * input_bytes,
