@@ -38,6 +38,8 @@ CHECKPOINT_COUNTERS = (
     "kept_resident",  # inputs the residency window kept on the device
     "kept_below_threshold",  # inputs too small to offload
 )
+# States rather than counts: a step reports them as they were when it ended.
+GAUGES = ("live_handles",)
 _UNSET: Any = object()
 
 
@@ -63,6 +65,7 @@ _settings = _Settings()
 _lock = threading.Lock()
 _pools: dict[str, Any] = {}
 _engines: dict[torch.device, CopyEngine] = {}
+_steps = 0
 
 
 class Handle(Protocol):
@@ -97,6 +100,8 @@ class CopyEngine:
         self._impl = impl
         self._counters: Counter[str] = Counter(dict.fromkeys(CHECKPOINT_COUNTERS, 0))
         self.device: torch.device = impl.device
+        self._step_start = self.stats()
+        self._last_step: dict[str, int] | None = None
 
     def offload(self, tensor: torch.Tensor) -> Handle:
         """Starts copying ``tensor`` to host memory and returns at once.
@@ -159,8 +164,29 @@ class CopyEngine:
         return {**self._impl.stats(), **self._counters}
 
     def reset_stats(self) -> None:
+        """Zeroes the counters; :meth:`last_step` keeps the last finished step."""
         self._impl.reset_stats()
         self._counters = Counter(dict.fromkeys(CHECKPOINT_COUNTERS, 0))
+        self._step_start = self.stats()
+
+    def last_step(self) -> dict[str, int] | None:
+        """The counters of the last finished training step, None before the first one.
+
+        A step is one forward and backward pass through the checkpointed layers
+        (a micro-batch under gradient accumulation). It ends when backward
+        fetches the first layer input its forward pass saved, the last copy
+        the step makes; everything counted since the previous step ended
+        belongs to it.
+        """
+        return None if self._last_step is None else dict(self._last_step)
+
+    def _end_step(self) -> None:
+        now = self.stats()
+        self._last_step = {
+            name: value if name in GAUGES else value - self._step_start.get(name, 0)
+            for name, value in now.items()
+        }
+        self._step_start = now
 
     @contextlib.contextmanager
     def trace(self) -> Iterator[list[dict[str, Any]]]:
@@ -304,6 +330,19 @@ def configure(
         return _settings.as_dict()
 
 
+def close_step() -> None:
+    """Ends the current step on every engine; :func:`stats` then reports it as ``last_step``.
+
+    Called by :class:`~gcoffload.saved_input.SavedInput` when backward fetches
+    the first input of a forward pass.
+    """
+    global _steps
+    with _lock:
+        for engine in _engines.values():
+            engine._end_step()
+        _steps += 1
+
+
 def stats() -> dict[str, Any]:
     """Counters of every engine (keyed by device) and pool (keyed by device type).
 
@@ -314,9 +353,15 @@ def stats() -> dict[str, Any]:
     checkpoint layer's counters. Pool counters: ``reserved_bytes``,
     ``in_use_bytes``, ``peak_in_use_bytes``, ``host_alloc_calls``,
     ``reuse_hits``, ``spills``, ``slabs``, ``budget_bytes``.
+
+    ``last_step`` holds each engine's counters for the last finished training
+    step alone (see :meth:`CopyEngine.last_step`), ``steps`` how many steps
+    have finished.
     """
     return {
         "engines": {str(device): engine.stats() for device, engine in _engines.items()},
+        "last_step": {str(device): engine.last_step() for device, engine in _engines.items()},
+        "steps": _steps,
         "pools": {device_type: pool.stats() for device_type, pool in _pools.items()},
         "settings": _settings.as_dict(),
     }

@@ -204,6 +204,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if saved is not None:
             for earlier in saved.predecessors(call.options.prefetch_depth):
                 earlier.prefetch()
+            saved.engine.count("recomputes")
         leaves = ctx.saved_tensors
         needs_grad = ctx.needs_input_grad[2:]
         inputs = [leaf.detach().requires_grad_(needs) for leaf, needs in zip(leaves, needs_grad, strict=True)]
@@ -228,8 +229,6 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if saved is not None:
                 saved.release()
             raise
-        if saved is not None:
-            saved.engine.count("recomputes")
         grads = tuple(
             tensor.grad if needs else None for tensor, needs in zip(inputs, needs_grad, strict=True)
         )

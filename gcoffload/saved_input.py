@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import CopyEngine, Handle, get_engine
+from .engine import CopyEngine, Handle, close_step, get_engine
 
 __all__ = ["DEFAULT_MIN_OFFLOAD_BYTES", "OffloadOptions", "SavedInput", "save"]
 
@@ -89,7 +89,11 @@ class SavedInput:
             self.engine.prefetch(self.handle)
 
     def unpack(self) -> torch.Tensor:
-        """The input on the device. Repeated calls return the same tensor (retain_graph)."""
+        """The input on the device. Repeated calls return the same tensor (retain_graph).
+
+        The first input of a forward pass is the last one backward fetches, so
+        fetching it ends the training step for :func:`gcoffload.stats`.
+        """
         if self._fetched is None:
             if self.tensor is not None:
                 self._fetched, self.tensor = self.tensor, None
@@ -102,6 +106,8 @@ class SavedInput:
                     "gcoffload: this checkpointed layer's saved input was already released; "
                     "run the forward pass again before another backward"
                 )
+            if self.previous is None:
+                close_step()
         return self._fetched
 
     def predecessors(self, depth: int) -> list[SavedInput]:

@@ -247,6 +247,35 @@ class TestPrefetchOrder:
         assert stats["offloads"] == 0 and stats["kept_below_threshold"] == 3
 
 
+class TestStepStats:
+    @pytest.mark.parametrize("use_reentrant", [True, False])
+    def test_last_step_counts_one_forward_and_backward(self, use_reentrant):
+        _, model = make_pair(layers=4)
+        layer_input_bytes = 2 * 16 * HIDDEN * 4
+        steps_before = gcoffload.stats()["steps"]
+        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0, use_reentrant=use_reentrant):
+            for step in range(3):
+                loss_and_grads(model, batch(seed=step))
+                last = ENGINE.last_step()
+                assert last["checkpointed_layers"] == last["recomputes"] == 4
+                assert last["offloads"] == last["fetches"] == last["prefetch_hits"] == 3
+                assert last["offloaded_bytes"] == last["fetched_bytes"] == 3 * layer_input_bytes
+                assert last["kept_resident"] == 1 and last["live_handles"] == 0
+        assert ENGINE.stats()["offloads"] == 3 * 3
+        assert gcoffload.stats()["steps"] == steps_before + 3
+        assert gcoffload.stats()["last_step"]["cpu"] == last
+
+    def test_a_forward_without_backward_ends_no_step(self):
+        _, model = make_pair(layers=3)
+        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+            loss_and_grads(model, batch())
+            finished = ENGINE.last_step()
+            steps = gcoffload.stats()["steps"]
+            model.train()
+            model(batch())
+        assert gcoffload.stats()["steps"] == steps and ENGINE.last_step() == finished
+
+
 class RaisingBlock(Block):
     """Raises on its n-th call: 1 is the forward pass, 2 the recompute in backward."""
 

@@ -73,6 +73,8 @@ def test_trainer_goes_through_gcoffload_and_matches_an_unpatched_run(tmp_path, u
     stats = ENGINE.stats()
     assert stats["checkpointed_layers"] == 3 * 4 and stats["recomputes"] == 3 * 4
     assert stats["offloads"] == 3 * 3 and stats["prefetch_hits"] == 3 * 3
+    last_step = ENGINE.last_step()
+    assert last_step["checkpointed_layers"] == 4 and last_step["prefetch_hits"] == 3
     assert len(losses) == 3 and losses == expected_losses
     for name, weight in weights.items():
         assert torch.equal(weight, expected_weights[name]), name
