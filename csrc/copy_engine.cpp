@@ -72,6 +72,17 @@ namespace gcoffload {
 // prefetched, the H2D copy may still be writing the device tensor, which joins
 // `pending_` like an offload source (Note [Source lifetime]).
 
+// Note [Traced stalls]
+// ~~~~~~~~~~~~~~~~~~~~
+// The compute stream waits for a copy in two places: `fetch` waits for the
+// H2D copy, and a full pending queue waits for the oldest D2H copy. While
+// tracing, each wait is bracketed by two timing fences on the compute stream.
+// The first completes when the compute work queued before the wait is done,
+// the second when the stream gets past the wait, so the gap between them is
+// the time compute stood still for that copy: zero when the copy had already
+// finished, the whole copy for an on-demand fetch. Summed over a step, it is
+// the copy time that overlap did not hide.
+
 namespace {
 
 c10::Stream side_stream(c10::Device device) {
@@ -261,13 +272,9 @@ at::Tensor CopyEngine::fetch(Handle& handle) {
   } else {
     stats_.prefetch_hits += 1;
   }
-  const c10::Stream compute = compute_stream();
-  handle.h2d_done_.block(compute);
-  if (tracing_) {
-    const Fence now = Fence::record(compute, true);
-    const bool on_demand = state == Handle::State::Offloaded;
-    trace("fetch", "compute", &handle, now, now, on_demand ? "on_demand" : "prefetched");
-  }
+  const bool on_demand = state == Handle::State::Offloaded;
+  wait_on_compute(
+      handle.h2d_done_, "fetch", &handle, on_demand ? "on_demand" : "prefetched");
   if (handle.block_) {
     pool_->release(std::move(*handle.block_), handle.h2d_done_);
     handle.block_.reset();
@@ -337,7 +344,7 @@ void CopyEngine::keep_until_done(
   }
   pending_.emplace_back(std::move(tensor), std::move(fence));
   while (pending_.size() > max_pending_) {
-    pending_.front().second.block(compute_stream());
+    wait_on_compute(pending_.front().second, "pending_wait", nullptr);
     dropped.push_back(std::move(pending_.front().first));
     pending_.pop_front();
     stats_.pending_waits += 1;
@@ -428,6 +435,20 @@ std::vector<TraceEntry> CopyEngine::stop_trace() {
     entries.push_back(std::move(record.entry));
   }
   return entries;
+}
+
+void CopyEngine::wait_on_compute(
+    const Fence& fence,
+    const char* op,
+    const Handle* handle,
+    std::string label) {
+  // See Note [Traced stalls].
+  const c10::Stream compute = compute_stream();
+  const Fence before = tracing_ ? Fence::record(compute, true) : Fence();
+  fence.block(compute);
+  if (tracing_) {
+    trace(op, "compute", handle, before, Fence::record(compute, true), std::move(label));
+  }
 }
 
 void CopyEngine::trace(

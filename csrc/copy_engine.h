@@ -42,7 +42,7 @@ struct EngineStats {
 
 // One entry of the engine's trace, times in ms since `start_trace`.
 struct TraceEntry {
-  std::string op; // "offload", "prefetch", "fetch" or "mark"
+  std::string op; // "offload", "prefetch", "fetch", "pending_wait" or "mark"
   std::string stream; // "d2h", "h2d" or "compute"
   int64_t handle_id = -1;
   int64_t nbytes = 0;
@@ -156,6 +156,12 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   void poll_pending(std::vector<at::Tensor>& dropped);
   void copy_to_device(Handle& handle);
   void release_locked(Handle& handle, std::vector<at::Tensor>& dropped);
+  // Makes the compute stream wait for `fence`; traced as a stall.
+  void wait_on_compute(
+      const Fence& fence,
+      const char* op,
+      const Handle* handle,
+      std::string label = {});
   void trace(
       const char* op,
       const char* stream,

@@ -193,10 +193,16 @@ class CopyEngine:
         """Records every copy (and :meth:`mark`) issued inside the block.
 
         Yields a list that is filled when the block exits, one dict per entry:
-        ``op`` ("offload", "prefetch", "fetch", "mark"), ``stream`` ("d2h",
-        "h2d", "compute"), ``handle_id``, ``nbytes``, ``label`` and
-        ``start_ms``/``end_ms`` since the block began (device events on a GPU,
-        wall-clock time on the CPU). Exiting synchronises with the copies.
+        ``op`` ("offload", "prefetch", "fetch", "pending_wait", "mark"),
+        ``stream`` ("d2h", "h2d", "compute"), ``handle_id``, ``nbytes``,
+        ``label`` and ``start_ms``/``end_ms`` since the block began (device
+        events on a GPU, wall-clock time on the CPU). Exiting synchronises with
+        the copies.
+
+        A "fetch" or "pending_wait" entry spans the time the compute stream
+        stood still waiting for a copy (H2D for a fetch, the oldest queued D2H
+        when more than ``max_pending`` are outstanding): the copy time overlap
+        did not hide.
         """
         entries: list[dict[str, Any]] = []
         self._impl.start_trace()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gcoffload.bench import plots, stack_overlap
-from gcoffload.bench.decoder import SMOKE, build_stack
+from gcoffload.bench.decoder import LLAMA_1B, LLAMA_8B, SMOKE, build_stack
+from gcoffload.bench.stack_overlap import StackConfig
 from gcoffload.bench.strategies import STRATEGIES
 
 
@@ -65,6 +66,25 @@ def test_every_strategy_computes_the_same_step():
             assert torch.equal(tensor, expected), name
 
 
+def test_exposed_copy_time_is_the_time_compute_waited_for_copies():
+    def entry(op: str, start: float, end: float, nbytes: int = 0) -> dict:
+        return {"op": op, "label": "", "start_ms": start, "end_ms": end, "nbytes": nbytes}
+
+    trace = [
+        entry("offload", 0.0, 2.0, nbytes=100_000_000),
+        entry("pending_wait", 1.5, 2.0),
+        entry("mark", 3.0, 3.0),
+        entry("prefetch", 4.0, 8.0, nbytes=100_000_000),
+        entry("fetch", 7.0, 8.0),
+        entry("fetch", 9.0, 9.0),
+    ]
+    copies = {"offloads": 1, "prefetch_hits": 2, "on_demand_fetches": 0}
+    metrics = stack_overlap._copy_metrics(trace, steps=1, copies=copies)
+    assert metrics["copy_ms_per_step"] == pytest.approx(6.0)
+    assert metrics["exposed_copy_ms_per_step"] == pytest.approx(1.5)
+    assert metrics["d2h_gbps"] == pytest.approx(50.0) and metrics["h2d_gbps"] == pytest.approx(25.0)
+
+
 def test_overhead_overlap_and_bandwidth_share_are_related_to_the_baseline():
     rows = [
         {"strategy": "checkpoint", "median_ms": 100.0},
@@ -72,6 +92,7 @@ def test_overhead_overlap_and_bandwidth_share_are_related_to_the_baseline():
             "strategy": "gcoffload-d1",
             "median_ms": 103.0,
             "copy_ms_per_step": 10.0,
+            "exposed_copy_ms_per_step": 2.5,
             "d2h_gbps": 45.0,
             "h2d_gbps": 40,
         },
@@ -79,7 +100,7 @@ def test_overhead_overlap_and_bandwidth_share_are_related_to_the_baseline():
     ]
     stack_overlap._relate(rows, {"d2h_gbps": 50.0, "h2d_gbps": 50.0}, overlap=True)
     assert rows[1]["overhead_vs_checkpoint"] == pytest.approx(0.03)
-    assert rows[1]["overlap_fraction"] == pytest.approx(0.7)
+    assert rows[1]["overlap_fraction"] == pytest.approx(0.75)
     assert rows[1]["d2h_vs_raw"] == pytest.approx(0.9) and rows[1]["h2d_vs_raw"] == pytest.approx(0.8)
     assert "overhead_vs_checkpoint" not in rows[2]
 
@@ -107,3 +128,15 @@ def test_timeline_intervals_come_from_the_layer_marks():
         (6, 7, "R0"),
         (7, 7, "B0"),
     ]
+
+
+def test_stacks_are_cut_to_the_layers_that_fit_in_device_memory():
+    gib = 1 << 30
+    long_8b = StackConfig(LLAMA_8B, LLAMA_8B.depth, 1, 16384)
+    for config in (StackConfig(LLAMA_1B, LLAMA_1B.depth, 4, 2048), long_8b):
+        assert config.fitted(torch.bfloat16, 79 * gib).layers == config.shape.depth
+        assert config.fitted(torch.bfloat16, None) == config
+    on_24_gib = long_8b.fitted(torch.bfloat16, 24 * gib).layers
+    weights_and_grads = 4 * LLAMA_8B.parameters_per_layer
+    assert 1 <= on_24_gib < 32 and on_24_gib * weights_and_grads < 24 * gib
+    assert long_8b.fitted(torch.bfloat16, 4 * gib).layers == 0

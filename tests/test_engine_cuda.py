@@ -68,6 +68,27 @@ def test_h2d_prefetch_overlaps_compute_on_a_side_stream(make_engine):
     assert same_bytes(engine.fetch(handle), source)
 
 
+def test_a_traced_fetch_spans_the_time_compute_waited_for_its_copy(make_engine):
+    engine = make_engine(DEVICE, slab_bytes=1 << 28)
+    source = torch.randn(64 << 18, device=DEVICE)
+    hidden, exposed = engine.offload(source), engine.offload(source)
+    engine.synchronize()
+    torch.cuda.synchronize()
+    with engine.trace() as trace:
+        engine.prefetch(hidden)
+        busy_compute()
+        engine.fetch(hidden)  # its copy finished while compute ran
+        engine.fetch(exposed)  # on demand: compute stands still for the whole copy
+    stalls = {entry["handle_id"]: entry for entry in trace if entry["op"] == "fetch"}
+    copies = {entry["handle_id"]: entry for entry in trace if entry["op"] == "prefetch"}
+
+    def span(entry: dict) -> float:
+        return entry["end_ms"] - entry["start_ms"]
+
+    assert span(stalls[hidden.id]) < 0.1 * span(copies[hidden.id]), (stalls, copies)
+    assert span(stalls[exposed.id]) >= 0.8 * span(copies[exposed.id]), (stalls, copies)
+
+
 @pytest.mark.parametrize("max_pending", [1, 32])
 def test_source_freed_and_reused_right_after_offload_stays_intact(make_engine, max_pending):
     engine = make_engine(DEVICE, slab_bytes=1 << 26, max_pending=max_pending)

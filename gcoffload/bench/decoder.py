@@ -19,6 +19,7 @@ class DecoderShape:
     intermediate: int
     heads: int
     kv_heads: int
+    depth: int  # layers of the model the shape is taken from
 
     @property
     def parameters_per_layer(self) -> int:
@@ -26,13 +27,22 @@ class DecoderShape:
         attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
         return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
 
+    def activation_bytes_per_layer(self, tokens: int, element_size: int) -> int:
+        """About what one layer saves for backward when it is not checkpointed.
+
+        The norms' outputs, query/key/value, the attention output, the residual
+        sums, and the MLP's gate, up, activation and product.
+        """
+        key_value = 2 * self.kv_heads * (self.hidden // self.heads)
+        return tokens * element_size * (6 * self.hidden + key_value + 4 * self.intermediate)
+
     def as_dict(self) -> dict:
         return {**asdict(self), "parameters_per_layer": self.parameters_per_layer}
 
 
-LLAMA_1B = DecoderShape("llama-1b-like", hidden=2048, intermediate=8192, heads=32, kv_heads=8)
-LLAMA_8B = DecoderShape("llama-8b-like", hidden=4096, intermediate=14336, heads=32, kv_heads=8)
-SMOKE = DecoderShape("smoke", hidden=256, intermediate=1024, heads=4, kv_heads=2)
+LLAMA_1B = DecoderShape("llama-1b-like", hidden=2048, intermediate=8192, heads=32, kv_heads=8, depth=16)
+LLAMA_8B = DecoderShape("llama-8b-like", hidden=4096, intermediate=14336, heads=32, kv_heads=8, depth=32)
+SMOKE = DecoderShape("smoke", hidden=256, intermediate=1024, heads=4, kv_heads=2, depth=4)
 
 
 class DecoderLayer(nn.Module):

@@ -9,7 +9,8 @@ from typing import Any
 from . import common
 
 _MARK = re.compile(r"(forward|recompute):(\d+):(start|end)")
-_COLORS = {"compute": "#4c72b0", "backward": "#8fa9d6", "d2h": "#dd8452", "h2d": "#55a868"}
+_COLORS = {"compute": "#4c72b0", "backward": "#8fa9d6", "d2h": "#dd8452", "h2d": "#55a868", "wait": "#c44e52"}
+_STALLS = ("fetch", "pending_wait")
 
 
 def _pyplot() -> Any:
@@ -53,9 +54,13 @@ def compute_intervals(trace: list[dict]) -> list[tuple[float, float, str]]:
 
 
 def timeline(trace: list[dict], title: str, path: Path) -> None:
-    """Three lanes, compute / D2H / H2D, over one traced step (ms since the step began)."""
+    """Three lanes, compute / D2H / H2D, over one traced step (ms since the step began).
+
+    Waits of the compute stream for a copy are drawn over the compute lane in red.
+    """
     plt = _pyplot()
     lanes = {"compute": compute_intervals(trace), "d2h": [], "h2d": []}
+    waits = [(entry["start_ms"], entry["end_ms"], "wait") for entry in trace if entry["op"] in _STALLS]
     for entry in trace:
         if entry["op"] == "offload":
             lanes["d2h"].append((entry["start_ms"], entry["end_ms"], f"#{entry['handle_id']}"))
@@ -70,9 +75,14 @@ def timeline(trace: list[dict], title: str, path: Path) -> None:
             axis.barh(row, width, left=start, height=0.6, color=color, edgecolor="white", linewidth=0.5)
             if len(intervals) <= 64:
                 axis.text((start + end) / 2, row, label, ha="center", va="center", fontsize=6, color="white")
+    compute_row = len(lanes) - 1
+    for start, end, _ in waits:
+        if end > start:
+            axis.barh(compute_row, end - start, left=start, height=0.3, color=_COLORS["wait"])
     axis.set_yticks(range(3), ["H2D stream", "D2H stream", "compute stream"])
     axis.set_xlabel(
-        "ms since the step began (F: forward, R: recompute, B: backward of a layer; #: handle id)"
+        "ms since the step began (F: forward, R: recompute, B: backward of a layer; #: handle id; "
+        "red: compute waiting for a copy)"
     )
     axis.set_title(title, fontsize=10)
     axis.grid(axis="x", alpha=0.3)
