@@ -24,10 +24,10 @@ def _worker(rank: int, rendezvous: str, mode: str) -> None:
     try:
         _train_one_step_and_compare(rank, mode)
         # Note [Tearing down gloo]: every collective is finished on both ranks and every
-        # tensor, module and pending work object of the step is freed before the process
-        # group goes. Otherwise the last of them die during interpreter shutdown, on a gloo
-        # worker thread that cannot take the GIL any more, and the process aborts with
-        # "terminate called without an active exception".
+        # tensor, module and work object of the step is freed before the process group
+        # goes. Without that, FSDP2 with torch's non-reentrant checkpoint (gcoffload or
+        # not) sometimes aborts at interpreter shutdown with "terminate called without an
+        # active exception", most likely a gloo thread dropping work it still held.
         dist.barrier()
         gc.collect()
     finally:
