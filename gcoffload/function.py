@@ -202,9 +202,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         call: _Call = ctx.call
         saved = ctx.saved_input() if ctx.saved_input is not None else None
         if saved is not None:
-            for earlier in saved.predecessors(call.options.prefetch_depth):
-                earlier.prefetch()
-            saved.engine.count("recomputes")
+            saved.start_recompute(call.options.prefetch_depth)
         leaves = ctx.saved_tensors
         needs_grad = ctx.needs_input_grad[2:]
         inputs = [leaf.detach().requires_grad_(needs) for leaf, needs in zip(leaves, needs_grad, strict=True)]

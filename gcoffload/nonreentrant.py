@@ -78,7 +78,5 @@ class _HiddenStatesHooks:
     def unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, SavedInput):
             return packed
-        for earlier in packed.predecessors(self.options.prefetch_depth):
-            earlier.prefetch()
-        packed.engine.count("recomputes")
+        packed.start_recompute(self.options.prefetch_depth)
         return packed.unpack()

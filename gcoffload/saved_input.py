@@ -110,6 +110,12 @@ class SavedInput:
                 close_step()
         return self._fetched
 
+    def start_recompute(self, prefetch_depth: int) -> None:
+        """Prefetches the inputs backward needs next; called before this layer's own is fetched."""
+        for earlier in self.predecessors(prefetch_depth):
+            earlier.prefetch()
+        self.engine.count("recomputes")
+
     def predecessors(self, depth: int) -> list[SavedInput]:
         """Up to ``depth`` inputs saved before this one, nearest first."""
         found: list[SavedInput] = []

@@ -22,6 +22,10 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 
+# Trace entries that span a wait of the compute stream for a copy (Note [Traced stalls]).
+STALL_OPS = ("fetch", "pending_wait")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type != "cpu":
         torch.accelerator.synchronize(device)

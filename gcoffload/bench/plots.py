@@ -10,7 +10,6 @@ from . import common
 
 _MARK = re.compile(r"(forward|recompute):(\d+):(start|end)")
 _COLORS = {"compute": "#4c72b0", "backward": "#8fa9d6", "d2h": "#dd8452", "h2d": "#55a868", "wait": "#c44e52"}
-_STALLS = ("fetch", "pending_wait")
 
 
 def _pyplot() -> Any:
@@ -60,7 +59,9 @@ def timeline(trace: list[dict], title: str, path: Path) -> None:
     """
     plt = _pyplot()
     lanes = {"compute": compute_intervals(trace), "d2h": [], "h2d": []}
-    waits = [(entry["start_ms"], entry["end_ms"], "wait") for entry in trace if entry["op"] in _STALLS]
+    waits = [
+        (entry["start_ms"], entry["end_ms"], "wait") for entry in trace if entry["op"] in common.STALL_OPS
+    ]
     for entry in trace:
         if entry["op"] == "offload":
             lanes["d2h"].append((entry["start_ms"], entry["end_ms"], f"#{entry['handle_id']}"))

@@ -178,7 +178,7 @@ def _copy_metrics(trace: list[dict], steps: int, copies: dict[str, int]) -> dict
         "h2d_gbps": h2d_gbps,
         "copy_ms_per_step": d2h_ms + h2d_ms,
         "exposed_copy_ms_per_step": sum(
-            _span_ms(entry) for entry in trace if entry["op"] in ("fetch", "pending_wait")
+            _span_ms(entry) for entry in trace if entry["op"] in common.STALL_OPS
         ),
         "offloads_per_step": copies["offloads"] / steps,
         "prefetch_hits_per_step": copies["prefetch_hits"] / steps,
