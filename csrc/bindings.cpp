@@ -161,6 +161,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly(
           "placement",
           [](const Handle& handle) { return placement_name(handle.placement()); })
+      .def_property_readonly("source_version", &Handle::source_version)
       .def("release", &Handle::release);
 
   py::class_<CopyEngine, std::shared_ptr<CopyEngine>>(m, "CopyEngine")

@@ -72,6 +72,14 @@ namespace gcoffload {
 // prefetched, the H2D copy may still be writing the device tensor, which joins
 // `pending_` like an offload source (Note [Source lifetime]).
 
+// Note [Watched versions]
+// ~~~~~~~~~~~~~~~~~~~~~~~
+// Autograd detects a saved tensor changed in place by comparing its version
+// counter with the value it had when saved. An offloaded tensor is no longer
+// referenced, so the handle keeps the counter alone (a small shared object,
+// not the memory) and reports its value; the checkpoint compares it with the
+// version it saved (gcoffload/saved_input.py).
+
 // Note [Traced stalls]
 // ~~~~~~~~~~~~~~~~~~~~
 // The compute stream waits for a copy in two places: `fetch` waits for the
@@ -181,6 +189,10 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
   std::vector<at::Tensor> dropped;
   std::lock_guard<std::mutex> lock(mutex_);
   handle.reset(new Handle(shared_from_this(), next_id_++, source));
+  if (!tensor.is_inference()) {
+    // See Note [Watched versions].
+    handle->source_version_ = tensor.unsafeGetTensorImpl()->version_counter();
+  }
   stats_.live_handles += 1;
   poll_pending(dropped);
   if (handle->nbytes_ == 0) {

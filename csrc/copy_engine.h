@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/Stream.h>
+#include <c10/core/TensorImpl.h>
 
 #include <atomic>
 #include <cstdint>
@@ -82,6 +83,12 @@ class Handle {
   Placement placement() const {
     return placement_;
   }
+  // The offloaded tensor's version counter now; see Note [Watched versions].
+  int64_t source_version() const {
+    return source_version_.enabled()
+        ? static_cast<int64_t>(source_version_.current_version())
+        : 0;
+  }
   void release();
 
  private:
@@ -100,6 +107,7 @@ class Handle {
   at::Tensor device_; // Prefetched, or Device: the tensor on the device
   Fence d2h_done_; // the offload copy into `host_` finished
   Fence h2d_done_; // the copy from `host_` into `device_` finished
+  c10::VariableVersion source_version_{c10::VariableVersion::DISABLED};
 };
 
 // Copies tensors between one device and host memory on two side streams, one

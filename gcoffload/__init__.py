@@ -13,7 +13,7 @@ The pieces, top to bottom (a tensor's path in the forward pass):
 """
 
 from .engine import CopyEngine, Handle, configure, get_engine, reset_stats, stats
-from .function import checkpoint
+from .function import checkpoint, checkpoint_with
 from .hf import patch_model, prepare_model_for_training, unpatch_model
 from .policy import LayerCheckpointer, selective_checkpoint_function
 from .saved_input import OffloadOptions
@@ -28,6 +28,7 @@ __all__ = [
     "OffloadOptions",
     "WrappedLayers",
     "checkpoint",
+    "checkpoint_with",
     "configure",
     "get_engine",
     "patch_model",

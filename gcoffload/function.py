@@ -12,7 +12,7 @@ next in backward order, fetches its own, restores RNG and autocast state like
 from __future__ import annotations
 
 import contextlib
-import functools
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -20,44 +20,68 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import noop_context_fn
 
 from . import nonreentrant
-from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions, SavedInput, save
+from .calls import count_leaves, describe_layer, flatten_arguments, unflatten, unwrap_partial
+from .nonreentrant import DEFAULT_DETERMINISM_MODE
+from .saved_input import OffloadOptions, SavedInput, SavedTensor, can_save, save
 
-__all__ = ["checkpoint", "reentrant_checkpoint"]
+__all__ = ["checkpoint", "checkpoint_with", "reentrant_checkpoint"]
+
+_DEFAULT_OPTIONS = OffloadOptions()
+_OPTION_NAMES = frozenset(("offload", "prefetch_depth", "keep_resident", "min_offload_bytes"))
 
 
-def checkpoint(
+def checkpoint(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Checkpoints ``function(*args, **kwargs)`` and parks its input in host memory.
+
+    A drop-in for ``torch.utils.checkpoint.checkpoint``: it takes that
+    function's keywords with their meaning (see :func:`checkpoint_with`, which
+    this calls with the default :class:`OffloadOptions`), and passes every
+    other keyword on to ``function``.
+
+    Example:
+        >>> out = gcoffload.checkpoint(layer, hidden_states, mask, use_reentrant=False)
+    """
+    return checkpoint_with(_DEFAULT_OPTIONS, function, *args, **kwargs)
+
+
+def checkpoint_with(
+    options: OffloadOptions,
     function: Callable[..., Any],
+    /,
     *args: Any,
     use_reentrant: bool | None = None,
     preserve_rng_state: bool = True,
-    context_fn: Callable[[], tuple[Any, Any]] | None = None,
-    determinism_check: str = "default",
+    context_fn: Callable[[], tuple[Any, Any]] = noop_context_fn,
+    determinism_check: str = DEFAULT_DETERMINISM_MODE,
     debug: bool = False,
-    offload: bool = True,
-    prefetch_depth: int = 1,
-    keep_resident: int = 1,
-    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+    early_stop: bool = True,
     **kwargs: Any,
 ) -> Any:
-    """Checkpoints ``function(*args, **kwargs)`` and parks its input in host memory.
+    """:func:`checkpoint` with gcoffload's options first, where no keyword of ``function`` can meet them.
 
-    Installable wherever ``torch.utils.checkpoint.checkpoint`` is: it takes that
-    function's keywords. ``preserve_rng_state`` is honoured; ``use_reentrant=False``
-    selects the saved-tensor-hooks path (:mod:`gcoffload.nonreentrant`), which
-    DDP without ``static_graph`` and FSDP2 need, and there ``context_fn``,
-    ``determinism_check`` and ``debug`` reach torch; the reentrant path (the
-    default) ignores them.
+    ``functools.partial(checkpoint_with, options)`` is a checkpoint function
+    for any place that takes one (transformers' ``gradient_checkpointing_func``).
 
     Args:
+        options: how the input is kept (offload, prefetch depth, residency window, threshold).
         function: the layer, e.g. a bound ``module.__call__``. A
             ``functools.partial`` is unpacked so that tensors among its
             keywords receive gradients too.
         *args: positional arguments; the first tensor among them is the
             hidden states ``(batch, seq, hidden)`` and is the one offloaded.
-        offload, prefetch_depth, keep_resident, min_offload_bytes: see
-            :class:`OffloadOptions`.
+        use_reentrant: True or None (the default): gcoffload's autograd
+            Function; False: torch's non-reentrant checkpoint with the input
+            offloaded through saved-tensor hooks (DDP without
+            ``static_graph``, FSDP2, ``torch.autograd.grad``). Unlike torch,
+            None does not warn, and the reentrant path accepts keyword
+            arguments for ``function``.
+        preserve_rng_state: restore the CPU and device RNG state for the recompute.
+        context_fn, debug: as in torch; only with ``use_reentrant=False``
+            (``ValueError`` otherwise, as in torch).
+        determinism_check, early_stop: as in torch; ignored on the reentrant path, as in torch.
         **kwargs: keyword arguments for ``function``.
 
     Returns:
@@ -65,15 +89,21 @@ def checkpoint(
         objects mixed).
 
     Raises:
-        ValueError: an option is out of range.
-        RuntimeError: backward through this call runs after its saved input was
-            released, or through ``torch.autograd.grad`` on the reentrant path.
+        TypeError: ``options`` is not an OffloadOptions, ``use_reentrant`` not a
+            bool or None, ``function`` not callable, or a keyword named like an
+            option is passed to a function that does not take it.
+        ValueError: ``context_fn`` or ``debug`` with the reentrant path.
+        RuntimeError: in backward, a saved input was changed in place, or was
+            released; or ``torch.autograd.grad`` reached the reentrant path.
     """
-    options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
+    if not isinstance(options, OffloadOptions):
+        raise TypeError(f"checkpoint_with: options must be a gcoffload.OffloadOptions, got {options!r}")
+    if use_reentrant is not None and not isinstance(use_reentrant, bool):
+        raise TypeError(f"checkpoint: use_reentrant must be True, False or None, got {use_reentrant!r}")
     if not callable(function):
         raise TypeError(f"checkpoint: function must be callable, got {type(function).__name__}")
-    if not torch.is_grad_enabled():
-        return function(*args, **kwargs)
+    if kwargs.keys() & _OPTION_NAMES:
+        _reject_misplaced_options(function, kwargs)
     if use_reentrant is False:
         return nonreentrant.checkpoint(
             function,
@@ -84,8 +114,30 @@ def checkpoint(
             context_fn=context_fn,
             determinism_check=determinism_check,
             debug=debug,
+            early_stop=early_stop,
         )
+    if context_fn is not noop_context_fn or debug is not False:
+        raise ValueError("Passing `context_fn` or `debug` is only supported when use_reentrant=False.")
+    if not torch.is_grad_enabled():
+        return function(*args, **kwargs)
     return reentrant_checkpoint(function, args, kwargs, options, preserve_rng_state=preserve_rng_state)
+
+
+def _reject_misplaced_options(function: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Raises if a keyword named like one of gcoffload's options would reach a function without it."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    accepted = {parameter.name for parameter in parameters}
+    for name in sorted((kwargs.keys() & _OPTION_NAMES) - accepted):
+        raise TypeError(
+            f"checkpoint: the keyword {name}= would be passed on to {describe_layer(function)}, which does "
+            f"not take it. gcoffload's options go first: gcoffload.checkpoint_with("
+            f"gcoffload.OffloadOptions({name}=...), function, *args)."
+        )
 
 
 def reentrant_checkpoint(
@@ -97,6 +149,7 @@ def reentrant_checkpoint(
     preserve_rng_state: bool = True,
 ) -> Any:
     """The reentrant path of :func:`checkpoint`, with validated options."""
+    layer = function
     function, args, kwargs = unwrap_partial(function, args, kwargs)
     leaves: list[torch.Tensor] = []
     structure = flatten_arguments((args, kwargs), leaves)
@@ -108,9 +161,9 @@ def reentrant_checkpoint(
             stacklevel=3,
         )
         return function(*args, **kwargs)
-    hidden_index = 0 if _count_leaves(structure[1][0]) > 0 else None
-    call = _Call(function, structure, hidden_index, options, preserve_rng_state)
-    packer = _InputPacker()
+    hidden_index = 0 if count_leaves(structure[1][0]) > 0 and can_save(leaves[0]) else None
+    call = _Call(function, layer, structure, hidden_index, options, preserve_rng_state)
+    packer = _InputPacker(layer)
     try:
         with torch.autograd.graph.saved_tensors_hooks(packer.pack, _unpack):
             return _OffloadedCheckpoint.apply(call, packer, *leaves)
@@ -118,21 +171,10 @@ def reentrant_checkpoint(
         packer.clear()
 
 
-def unwrap_partial(
-    function: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
-) -> tuple[Callable[..., Any], tuple, dict[str, Any]]:
-    """The same call with the arguments ``functools.partial`` layers had bound moved into it."""
-    args = tuple(args)
-    while isinstance(function, functools.partial):
-        args = (*function.args, *args)
-        kwargs = {**function.keywords, **kwargs}
-        function = function.func
-    return function, args, kwargs
-
-
 @dataclass(frozen=True)
 class _Call:
     function: Callable[..., Any]
+    layer: Callable[..., Any]  # as the caller passed it, for error messages
     structure: Any
     hidden_index: int | None
     options: OffloadOptions
@@ -140,24 +182,28 @@ class _Call:
 
 
 class _InputPacker:
-    """Hands the SavedInput to autograd in place of the hidden-states tensor.
+    """Hands autograd the SavedInput in place of the hidden states, and versions every other input.
 
-    See Note [Who owns a SavedInput] in saved_input.py.
+    See Note [Who owns a SavedInput] and Note [In-place changes to saved
+    inputs] in saved_input.py.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layer: Callable[..., Any]) -> None:
+        self.layer = layer
         self.hidden: torch.Tensor | None = None
         self.saved: SavedInput | None = None
 
-    def pack(self, tensor: torch.Tensor) -> Any:
-        return self.saved if tensor is self.hidden and self.saved is not None else tensor
+    def pack(self, tensor: torch.Tensor) -> SavedInput | SavedTensor:
+        if tensor is self.hidden and self.saved is not None:
+            return self.saved
+        return SavedTensor(tensor, self.layer)
 
     def clear(self) -> None:
         self.hidden = self.saved = None
 
 
-def _unpack(packed: Any) -> torch.Tensor:
-    return packed.unpack() if isinstance(packed, SavedInput) else packed
+def _unpack(packed: SavedInput | SavedTensor) -> torch.Tensor:
+    return packed.unpack()
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -171,12 +217,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         saved = None
         if call.hidden_index is not None:
             hidden = leaves[call.hidden_index]
-            saved = save(hidden, call.options)
+            saved = save(hidden, call.options, call.layer)
             packer.hidden, packer.saved = hidden, saved
             ctx.saved_input = weakref.ref(saved)
         try:
             with torch.no_grad():
-                args, kwargs = _unflatten(call.structure, iter(leaves))
+                args, kwargs = unflatten(call.structure, iter(leaves))
                 outputs = call.function(*args, **kwargs)
         except BaseException:
             if saved is not None:
@@ -212,7 +258,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     stack.enter_context(ctx.rng.restored())
                 stack.enter_context(ctx.autocast.restored())
                 stack.enter_context(torch.enable_grad())
-                args, kwargs = _unflatten(call.structure, iter(inputs))
+                args, kwargs = unflatten(call.structure, iter(inputs))
                 outputs = call.function(*args, **kwargs)
             if isinstance(outputs, torch.Tensor):
                 outputs = (outputs,)
@@ -290,43 +336,3 @@ class _AutocastState:
                     )
                 )
             yield
-
-
-# Arguments are flattened so that every tensor, also inside tuples, lists and
-# dicts (Llama's `position_embeddings=(cos, sin)`), is an input of the autograd
-# Function and can receive a gradient. Other containers are left whole: a KV
-# cache object must stay the same object in the recompute.
-_LEAF = object()
-
-
-def flatten_arguments(value: Any, leaves: list[torch.Tensor]) -> Any:
-    """Appends the tensors in ``value`` to ``leaves``; returns the structure to rebuild it."""
-    if isinstance(value, torch.Tensor):
-        leaves.append(value)
-        return _LEAF
-    if type(value) in (tuple, list):
-        return (type(value), [flatten_arguments(item, leaves) for item in value])
-    if type(value) is dict:
-        return (dict, {key: flatten_arguments(item, leaves) for key, item in value.items()})
-    return ("constant", value)
-
-
-def _unflatten(structure: Any, leaves: Iterator[torch.Tensor]) -> Any:
-    if structure is _LEAF:
-        return next(leaves)
-    kind, content = structure
-    if kind == "constant":
-        return content
-    if kind is dict:
-        return {key: _unflatten(item, leaves) for key, item in content.items()}
-    return kind(_unflatten(item, leaves) for item in content)
-
-
-def _count_leaves(structure: Any) -> int:
-    if structure is _LEAF:
-        return 1
-    kind, content = structure
-    if kind == "constant":
-        return 0
-    items = content.values() if kind is dict else content
-    return sum(_count_leaves(item) for item in items)

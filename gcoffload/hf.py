@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .function import checkpoint
+from .function import checkpoint_with
 from .policy import LayerCheckpointer, selective_checkpoint_function
 from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 
@@ -239,19 +239,22 @@ def _enable(base: nn.Module, patch: _Patch, request: dict[str, Any]) -> None:
 
 
 def offloaded_checkpoint_function(
-    *, offload: bool = True, prefetch_depth: int = 1, keep_resident: int = 1, **options: Any
+    *,
+    offload: bool = True,
+    prefetch_depth: int = 1,
+    keep_resident: int = 1,
+    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
 ) -> Callable[..., Any]:
     """gcoffload's checkpoint with options bound, for any place that takes a checkpoint function.
 
     The counterpart of LLaMA-Factory's ``get_unsloth_gradient_checkpointing_func``:
     ``model._set_gradient_checkpointing(gradient_checkpointing_func=offloaded_checkpoint_function())``.
     Combine with :func:`selective_checkpoint_function` for the selective rule.
+    The result is ``functools.partial(gcoffload.checkpoint_with, options)``:
+    every keyword it gets besides torch's checkpoint keywords reaches the layer.
     """
-    OffloadOptions(
-        offload, prefetch_depth, keep_resident, options.get("min_offload_bytes", DEFAULT_MIN_OFFLOAD_BYTES)
-    )
     return functools.partial(
-        checkpoint, offload=offload, prefetch_depth=prefetch_depth, keep_resident=keep_resident, **options
+        checkpoint_with, OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
     )
 
 

@@ -17,10 +17,13 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
+from torch.utils.checkpoint import noop_context_fn
 
-from .saved_input import OffloadOptions, SavedInput, save
+from .saved_input import OffloadOptions, SavedInput, SavedTensor, can_save, save
 
-__all__ = ["checkpoint"]
+__all__ = ["DEFAULT_DETERMINISM_MODE", "checkpoint"]
+
+DEFAULT_DETERMINISM_MODE = "default"  # torch.utils.checkpoint's default
 
 
 def checkpoint(
@@ -30,14 +33,14 @@ def checkpoint(
     options: OffloadOptions,
     *,
     preserve_rng_state: bool = True,
-    context_fn: Callable[[], tuple[Any, Any]] | None = None,
-    determinism_check: str = "default",
+    context_fn: Callable[[], tuple[Any, Any]] = noop_context_fn,
+    determinism_check: str = DEFAULT_DETERMINISM_MODE,
     debug: bool = False,
+    early_stop: bool = True,
 ) -> Any:
     """Runs ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` with the input offloaded."""
     hidden = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
-    hooks = _HiddenStatesHooks(hidden, options)
-    extra = {"context_fn": context_fn} if context_fn is not None else {}
+    hooks = _InputHooks(function, hidden if hidden is not None and can_save(hidden) else None, options)
     try:
         with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
             return torch.utils.checkpoint.checkpoint(
@@ -45,9 +48,10 @@ def checkpoint(
                 *args,
                 use_reentrant=False,
                 preserve_rng_state=preserve_rng_state,
+                context_fn=context_fn,
                 determinism_check=determinism_check,
                 debug=debug,
-                **extra,
+                early_stop=early_stop,
                 **kwargs,
             )
     except BaseException:
@@ -60,23 +64,28 @@ def checkpoint(
         hooks.hidden = None
 
 
-class _HiddenStatesHooks:
-    """Packs the hidden states into a SavedInput; every other saved tensor passes through."""
+class _InputHooks:
+    """Packs the hidden states into a SavedInput and versions every other saved input.
 
-    def __init__(self, hidden: torch.Tensor | None, options: OffloadOptions) -> None:
+    See Note [In-place changes to saved inputs] in saved_input.py.
+    """
+
+    def __init__(
+        self, layer: Callable[..., Any], hidden: torch.Tensor | None, options: OffloadOptions
+    ) -> None:
+        self.layer = layer
         self.hidden = hidden
         self.options = options
         self.saved: SavedInput | None = None
 
-    def pack(self, tensor: torch.Tensor) -> Any:
+    def pack(self, tensor: torch.Tensor) -> SavedInput | SavedTensor:
         if tensor is not self.hidden:
-            return tensor
+            return SavedTensor(tensor, self.layer)
         if self.saved is None:
-            self.saved = save(tensor, self.options)
+            self.saved = save(tensor, self.options, self.layer)
         return self.saved
 
-    def unpack(self, packed: Any) -> torch.Tensor:
-        if not isinstance(packed, SavedInput):
-            return packed
-        packed.start_recompute(self.options.prefetch_depth)
+    def unpack(self, packed: SavedInput | SavedTensor) -> torch.Tensor:
+        if isinstance(packed, SavedInput):
+            packed.start_recompute(self.options.prefetch_depth)
         return packed.unpack()

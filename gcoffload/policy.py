@@ -10,8 +10,9 @@ kept for the gradient that flows through them.
 
 The reentrant checkpoint only produces parameter gradients when one of its
 inputs requires grad, so a trainable layer whose input does not (LoRA with
-frozen embeddings, the first trainable layer of a freeze-tuned model) gets
-``input.requires_grad_(True)`` first.
+frozen embeddings, the first trainable layer of a freeze-tuned model) is called
+with an alias of that input that requires grad (``input.detach().requires_grad_()``:
+the same memory, a leaf of its own). The caller's tensor is left as it was.
 """
 
 from __future__ import annotations
@@ -24,29 +25,12 @@ import torch
 from torch import nn
 
 from . import nonreentrant
+from .calls import flatten_arguments, resolve_module, unflatten, unwrap_partial
 from .engine import get_engine
-from .function import flatten_arguments, reentrant_checkpoint, unwrap_partial
+from .function import reentrant_checkpoint
 from .saved_input import OffloadOptions
 
 __all__ = ["LayerCheckpointer", "resolve_module", "selective_checkpoint_function"]
-
-
-def resolve_module(function: Callable[..., Any]) -> nn.Module | None:
-    """The module behind a layer callable, for the three shapes transformers uses.
-
-    ``layer.__call__`` (bound: transformers <= 4.51),
-    ``partial(super().__call__, **kwargs)`` (4.52 - 5.22) and
-    ``partial(forward, self, **kwargs)`` (5.23+: the module is the first
-    positional argument of the partial).
-    """
-    while isinstance(function, functools.partial):
-        if function.args and isinstance(function.args[0], nn.Module):
-            return function.args[0]
-        function = function.func
-    owner = getattr(function, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return owner
-    return function if isinstance(function, nn.Module) else None
 
 
 def _tensor_arguments(
@@ -68,8 +52,9 @@ def selective_checkpoint_function(
 
     The result has ``checkpoint_function``'s signature. Layers gradients do not
     flow through are called plainly; a trainable layer whose input does not
-    require grad gets ``requires_grad_(True)`` on its first floating-point
-    tensor argument, so a reentrant checkpoint yields parameter gradients.
+    require grad gets, in place of its first floating-point positional tensor,
+    an alias that requires grad, so a reentrant checkpoint yields parameter
+    gradients.
 
     Args:
         checkpoint_function: called as ``checkpoint_function(function, *args, **kwargs)``.
@@ -79,14 +64,15 @@ def selective_checkpoint_function(
     @functools.wraps(checkpoint_function)
     def selective(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         module = resolve_module(function)
-        if not _should_checkpoint(module, function, args, kwargs, only_trainable, reentrant=True):
+        checkpointed_args = _checkpointed_args(module, function, args, kwargs, only_trainable, reentrant=True)
+        if checkpointed_args is None:
             return function(*args, **kwargs)
-        return checkpoint_function(function, *args, **kwargs)
+        return checkpoint_function(function, *checkpointed_args, **kwargs)
 
     return selective
 
 
-def _should_checkpoint(
+def _checkpointed_args(
     module: nn.Module | None,
     function: Callable[..., Any],
     args: tuple,
@@ -94,22 +80,33 @@ def _should_checkpoint(
     only_trainable: bool,
     *,
     reentrant: bool,
-) -> bool:
+) -> tuple | None:
+    """The positional arguments to checkpoint the call with, or None to run it plainly."""
     if not torch.is_grad_enabled() or (module is not None and not module.training):
-        return False
+        return None
     positional, keyword = _tensor_arguments(function, args, kwargs)
     if any(tensor.requires_grad for tensor in (*positional, *keyword)):
-        return True
+        return args
     trainable = module is not None and any(parameter.requires_grad for parameter in module.parameters())
     if only_trainable and not trainable:
-        return False
+        return None
     if not reentrant:
-        return True
-    hidden = positional[0] if positional else None
-    if hidden is None or not hidden.is_floating_point():
-        return False  # a reentrant checkpoint could not produce parameter gradients
-    hidden.requires_grad_(True)
-    return True
+        return args
+    return _with_grad_requiring_input(args)
+
+
+def _with_grad_requiring_input(args: tuple) -> tuple | None:
+    """``args`` with the first tensor replaced by an alias that requires grad, if it is floating-point.
+
+    None if there is no such tensor: a reentrant checkpoint could not produce
+    parameter gradients then.
+    """
+    leaves: list[torch.Tensor] = []
+    structure = flatten_arguments(args, leaves)
+    if not leaves or not leaves[0].is_floating_point():
+        return None
+    leaves[0] = leaves[0].detach().requires_grad_(True)
+    return unflatten(structure, iter(leaves))
 
 
 class LayerCheckpointer:
@@ -157,20 +154,20 @@ class LayerCheckpointer:
         """Calls ``function(*args, **kwargs)``, the layer ``module``, checkpointed or not."""
         index = self.layer_indices.get(module) if module is not None else None
         selected = index is None or index % self.every_n_layers == 0
-        if not (
-            selected
-            and _should_checkpoint(
+        checkpointed_args = None
+        if selected:
+            checkpointed_args = _checkpointed_args(
                 module, function, args, kwargs, self.only_trainable, reentrant=self.use_reentrant
             )
-        ):
+        if checkpointed_args is None:
             if torch.is_grad_enabled() and (module is None or module.training):
                 positional, _ = _tensor_arguments(function, args, kwargs)
                 if positional:
                     get_engine(positional[0].device).count("plain_layers")
             return function(*args, **kwargs)
         if self.use_reentrant:
-            return reentrant_checkpoint(function, args, kwargs, self.options)
-        return nonreentrant.checkpoint(function, args, kwargs, self.options)
+            return reentrant_checkpoint(function, checkpointed_args, kwargs, self.options)
+        return nonreentrant.checkpoint(function, checkpointed_args, kwargs, self.options)
 
     def __repr__(self) -> str:
         return (

@@ -15,6 +15,20 @@ it is freed right after the layer's backward (or with the graph, if backward
 never runs), and then its handle returns the host buffer to the pool. The
 chain and the window only hold weak references, so they never keep a layer
 input alive; an entry whose graph is gone simply drops out of them.
+
+Note [In-place changes to saved inputs]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Autograd raises when a tensor it saved was changed in place before backward
+used it, by comparing the tensor's version counter with the one it saved. A
+saved-tensor pack hook turns that check off, and an offloaded input is no
+longer even referenced. So every tensor a checkpoint saves records its version
+when saved, and unpacking compares: a resident input and every other saved
+tensor read ``tensor._version``, an offloaded input asks its handle, which
+watches the source's version counter without keeping its memory. The hidden
+states are versioned when the checkpoint call starts, on both paths: a layer
+that changes its own input in place during the forward pass raises too (the
+reentrant path of torch.utils.checkpoint would recompute from the changed
+values), because an offload copy may be reading that input at that moment.
 """
 
 from __future__ import annotations
@@ -26,9 +40,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .calls import describe_layer
 from .engine import CopyEngine, Handle, close_step, get_engine
 
-__all__ = ["DEFAULT_MIN_OFFLOAD_BYTES", "OffloadOptions", "SavedInput", "save"]
+__all__ = [
+    "DEFAULT_MIN_OFFLOAD_BYTES",
+    "OffloadOptions",
+    "SavedInput",
+    "SavedTensor",
+    "can_save",
+    "raise_modified_in_place",
+    "save",
+]
 
 DEFAULT_MIN_OFFLOAD_BYTES = 1 << 20
 
@@ -67,15 +90,20 @@ class SavedInput:
         engine: the copy engine of the input's device.
         tensor: the layer input, shape ``(batch, seq, hidden)`` for decoders.
         previous: the input saved just before this one in the same thread.
+        layer: the checkpointed callable, named in errors.
     """
 
-    __slots__ = ("__weakref__", "_fetched", "engine", "handle", "previous", "tensor")
+    __slots__ = ("__weakref__", "_fetched", "engine", "handle", "layer", "previous", "tensor", "version")
 
-    def __init__(self, engine: CopyEngine, tensor: torch.Tensor, previous: SavedInput | None) -> None:
+    def __init__(
+        self, engine: CopyEngine, tensor: torch.Tensor, previous: SavedInput | None, layer: object
+    ) -> None:
         self.engine = engine
+        self.layer = layer
         self.tensor: torch.Tensor | None = tensor
         self.handle: Handle | None = None
         self._fetched: torch.Tensor | None = None
+        self.version = tensor._version
         self.previous = weakref.ref(previous) if previous is not None else None
 
     def offload(self) -> None:
@@ -93,19 +121,29 @@ class SavedInput:
 
         The first input of a forward pass is the last one backward fetches, so
         fetching it ends the training step for :func:`gcoffload.stats`.
+
+        Raises:
+            RuntimeError: the input was changed in place since it was saved
+                (Note [In-place changes to saved inputs]), or already released.
         """
+        if self.tensor is None and self.handle is None:
+            raise RuntimeError(
+                "gcoffload: this checkpointed layer's saved input was already released; "
+                "run the forward pass again before another backward"
+            )
+        current = self.tensor._version if self.tensor is not None else self.handle.source_version
+        if current != self.version:
+            shape = self.handle.shape if self.tensor is None else tuple(self.tensor.shape)
+            dtype = self.handle.dtype if self.tensor is None else self.tensor.dtype
+            what = f"{dtype} tensor of shape {list(shape)}"
+            raise_modified_in_place(what, current, self.version, self.layer)
         if self._fetched is None:
             if self.tensor is not None:
-                self._fetched, self.tensor = self.tensor, None
+                self._fetched = self.tensor
                 self.engine.count("kept_resident")
-            elif self.handle is not None:
-                self._fetched = self.engine.fetch(self.handle)
-                self.handle = None
             else:
-                raise RuntimeError(
-                    "gcoffload: this checkpointed layer's saved input was already released; "
-                    "run the forward pass again before another backward"
-                )
+                self._fetched = self.engine.fetch(self.handle)
+                self.handle.release()  # holds nothing now but the version it watches
             if self.previous is None:
                 close_step()
         return self._fetched
@@ -135,6 +173,40 @@ class SavedInput:
         self.tensor = self.handle = self._fetched = None
 
 
+class SavedTensor:
+    """Any other tensor a checkpoint saves, with its version at save time.
+
+    Saved-tensor hooks turn off autograd's own check for in-place changes, so
+    the checkpoint paths pack every tensor they save into one of these (or a
+    :class:`SavedInput`) and check on unpack.
+    """
+
+    __slots__ = ("layer", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, layer: object) -> None:
+        self.tensor = tensor
+        self.layer = layer
+        self.version = tensor._version
+
+    def unpack(self) -> torch.Tensor:
+        current = self.tensor._version
+        if current != self.version:
+            raise_modified_in_place(self.tensor.type(), current, self.version, self.layer)
+        return self.tensor
+
+
+def raise_modified_in_place(what: str, current: int, expected: int, layer: object) -> None:
+    """Raises autograd's error for a saved tensor changed in place, naming gcoffload and the layer."""
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: [{what}] is at version {current}; expected version {expected} instead. "
+        f"gcoffload: it is an input of the checkpointed layer {describe_layer(layer)}, changed in place "
+        "after the checkpoint saved it (by the layer itself during its forward pass, or by code that ran "
+        "afterwards), so the recompute in backward would see other values than the forward pass did. "
+        "Change a clone instead (x = x.clone()) before modifying it in place."
+    )
+
+
 class _ForwardChain(threading.local):
     def __init__(self) -> None:
         self.last: weakref.ref[SavedInput] | None = None
@@ -144,13 +216,32 @@ class _ForwardChain(threading.local):
 _chain = _ForwardChain()
 
 
-def save(tensor: torch.Tensor, options: OffloadOptions) -> SavedInput:
+def can_save(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` can be a :class:`SavedInput`: dense data on a device with a copy engine.
+
+    Meta, sparse, nested and quantized tensors are saved as they are, like
+    torch.utils.checkpoint saves them.
+    """
+    return (
+        tensor.layout == torch.strided
+        and tensor.device.type != "meta"
+        and not tensor.is_nested
+        and not tensor.is_quantized
+    )
+
+
+def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedInput:
     """Saves a checkpointed layer's input, links it into this thread's chain, slides the window.
 
     The input may leave the device if ``options`` allow and it is a floating
     tensor of at least ``min_offload_bytes``. Then it joins the residency
     window, and inputs that fall out of the window are offloaded now, so their
     copy overlaps the layer about to run.
+
+    Args:
+        tensor: a tensor for which :func:`can_save` holds.
+        options: how the input is kept.
+        layer: the checkpointed callable, named in errors.
     """
     engine = get_engine(tensor.device)
     engine.count("checkpointed_layers")
@@ -158,7 +249,7 @@ def save(tensor: torch.Tensor, options: OffloadOptions) -> SavedInput:
     if options.offload and not offloads:
         engine.count("kept_below_threshold")
     previous = _chain.last() if _chain.last is not None else None
-    saved = SavedInput(engine, tensor, previous)
+    saved = SavedInput(engine, tensor, previous, layer)
     _chain.last = weakref.ref(saved)
     if offloads:
         _chain.window.append(weakref.ref(saved))

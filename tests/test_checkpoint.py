@@ -23,6 +23,7 @@ from gcoffload.saved_input import OffloadOptions
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 ENGINE = gcoffload.get_engine("cpu")
+EAGER = OffloadOptions(min_offload_bytes=0)  # offloads inputs of any size
 
 
 def assert_same(reference: tuple, candidate: tuple) -> None:
@@ -68,7 +69,7 @@ def test_direct_checkpoint_calls_match(block):
         hidden_states = model.embed(ids).requires_grad_(True)
         mask = causal_mask(ids.shape[1])
         for layer in model.layers:
-            output = gcoffload.checkpoint(layer, hidden_states, mask, use_reentrant=True, min_offload_bytes=0)
+            output = gcoffload.checkpoint_with(EAGER, layer, hidden_states, mask, use_reentrant=True)
             if isinstance(output, tuple):
                 assert output[1:3] == (None, "aux")
                 # The aux output does not require grad in the recompute; a gradient arriving
@@ -99,8 +100,13 @@ def test_extra_tensor_arguments_receive_their_gradients():
             tensor.grad = None
         torch.manual_seed(5)
         if checkpointed:
-            out = gcoffload.checkpoint(
-                layer, hidden, scale, shift=shift, pair=pair, keep_resident=0, min_offload_bytes=0
+            out = gcoffload.checkpoint_with(
+                OffloadOptions(keep_resident=0, min_offload_bytes=0),
+                layer,
+                hidden,
+                scale,
+                shift=shift,
+                pair=pair,
             )
         else:
             out = layer(hidden, scale, shift=shift, pair=pair)
@@ -356,7 +362,7 @@ class TestErrorsAndLifetimes:
         def function(positions, hidden):
             return layer(hidden) * positions[:, None]
 
-        out = gcoffload.checkpoint(function, positions, hidden, min_offload_bytes=0)
+        out = gcoffload.checkpoint_with(EAGER, function, positions, hidden)
         out.sum().backward()
         expected = torch.autograd.grad((layer(hidden) * positions[:, None]).sum(), hidden)[0]
         assert torch.equal(hidden.grad, expected)
@@ -386,7 +392,7 @@ class TestBadOptions:
     )
     def test_checkpoint_options_are_validated(self, option, value, error):
         with pytest.raises(error, match=option):
-            gcoffload.checkpoint(torch.sin, torch.randn(3, requires_grad=True), **{option: value})
+            gcoffload.checkpoint_with(OffloadOptions(**{option: value}), torch.sin, torch.randn(3))
 
     def test_wrap_layers_validates_its_arguments(self):
         with pytest.raises(TypeError, match="layers must be"):
