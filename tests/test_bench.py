@@ -84,6 +84,14 @@ def test_exposed_copy_time_is_the_time_compute_waited_for_copies():
     assert metrics["exposed_copy_ms_per_step"] == pytest.approx(1.5)
     assert metrics["d2h_gbps"] == pytest.approx(50.0) and metrics["h2d_gbps"] == pytest.approx(25.0)
 
+    step = {"op": "mark", "label": stack_overlap.STEP_MARK, "start_ms": 0.0, "end_ms": 0.0}
+    later = [{**item, "start_ms": item["start_ms"] + 10, "end_ms": item["end_ms"] + 10} for item in trace]
+    two_steps = [step, *trace, {**step, "start_ms": 10.0, "end_ms": 10.0}, *later]
+    averaged = stack_overlap._copy_metrics(two_steps, steps=2, copies=copies)
+    assert averaged["copy_ms_per_step"] == pytest.approx(6.0)
+    assert averaged["exposed_copy_ms_per_step"] == pytest.approx(1.5)
+    assert stack_overlap.last_step(two_steps) == trace, "the timeline shows the last step, from its start"
+
 
 def test_overhead_overlap_and_bandwidth_share_are_related_to_the_baseline():
     rows = [

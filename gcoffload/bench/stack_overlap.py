@@ -6,7 +6,8 @@ prediction, and for gcoffload the achieved D2H/H2D bandwidth next to a raw
 pinned copy of the same size measured in the same run, the overlap fraction
 (1 - exposed copy time / copy time, both from device events: the exposed time
 is how long the compute stream stood waiting for a copy), pinned bytes and host
-allocations after warm-up.
+allocations after warm-up. Copy times come from three steps traced back to
+back, undisturbed; memory from one more step that synchronises after forward.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from .decoder import LLAMA_1B, LLAMA_8B, SMOKE, DecoderShape, build_stack
 from .strategies import STRATEGIES, Strategy
 
 SHAPES = {shape.name: shape for shape in (LLAMA_1B, LLAMA_8B, SMOKE)}
+# Steps traced back to back, without a synchronisation between forward and backward
+# (which would let every D2H copy finish before backward starts); copy metrics are
+# their average, the timeline shows the last.
+TRACED_STEPS = 3
+STEP_MARK = "step"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +141,15 @@ def _measure(
         host_allocations = pool.stats()["host_alloc_calls"] - host_allocations
         copies = engine.stats()
 
+        with engine.trace() as trace:
+            for _ in range(TRACED_STEPS):
+                engine.mark(STEP_MARK)
+                step()
         stack.zero_grad(set_to_none=True)
         inputs.grad = None
-        with engine.trace() as trace:
-            memory = common.memory_of_step(
-                device, lambda: forward(inputs), lambda output: output.backward(output_grad)
-            )
+        memory = common.memory_of_step(
+            device, lambda: forward(inputs), lambda output: output.backward(output_grad)
+        )
 
     input_bytes = config.input_bytes(inputs.dtype)
     row: dict[str, Any] = {
@@ -157,10 +166,24 @@ def _measure(
         row.update(_copy_metrics(trace, steps, copies))
         row["host_allocations_after_warmup"] = host_allocations
         row["pinned_bytes"] = pool.stats()["reserved_bytes"]
-    return row, trace if strategy.engine else None
+    return row, last_step(trace) if strategy.engine else None
+
+
+def last_step(trace: list[dict]) -> list[dict]:
+    """The entries issued after the last step mark, with times counted from that mark."""
+    starts = [
+        index for index, entry in enumerate(trace) if entry["op"] == "mark" and entry["label"] == STEP_MARK
+    ]
+    origin = trace[starts[-1]]["start_ms"]
+    return [
+        {**entry, "start_ms": entry["start_ms"] - origin, "end_ms": entry["end_ms"] - origin}
+        for entry in trace[starts[-1] + 1 :]
+    ]
 
 
 def _copy_metrics(trace: list[dict], steps: int, copies: dict[str, int]) -> dict[str, Any]:
+    """Per step: bandwidth, copy time, exposed copy time (traced steps) and copy counts (timed steps)."""
+    traced_steps = max(1, sum(entry["op"] == "mark" and entry["label"] == STEP_MARK for entry in trace))
     by_direction = {"offload": [], "prefetch": []}
     for entry in trace:
         if entry["op"] in by_direction:
@@ -171,15 +194,14 @@ def _copy_metrics(trace: list[dict], steps: int, copies: dict[str, int]) -> dict
         rates = [rate for rate in rates if rate is not None]
         return (statistics.median(rates) if rates else None), sum(map(_span_ms, entries))
 
+    stalls = [entry for entry in trace if entry["op"] in common.STALL_OPS]
     d2h_gbps, d2h_ms = direction(by_direction["offload"])
     h2d_gbps, h2d_ms = direction(by_direction["prefetch"])
     return {
         "d2h_gbps": d2h_gbps,
         "h2d_gbps": h2d_gbps,
-        "copy_ms_per_step": d2h_ms + h2d_ms,
-        "exposed_copy_ms_per_step": sum(
-            _span_ms(entry) for entry in trace if entry["op"] in common.STALL_OPS
-        ),
+        "copy_ms_per_step": (d2h_ms + h2d_ms) / traced_steps,
+        "exposed_copy_ms_per_step": sum(map(_span_ms, stalls)) / traced_steps,
         "offloads_per_step": copies["offloads"] / steps,
         "prefetch_hits_per_step": copies["prefetch_hits"] / steps,
         "on_demand_fetches_per_step": copies["on_demand_fetches"] / steps,
