@@ -63,6 +63,7 @@ py::dict pool_stats(PinnedPool& pool) {
   out["in_use_bytes"] = stats.in_use_bytes;
   out["peak_in_use_bytes"] = stats.peak_in_use_bytes;
   out["host_alloc_calls"] = stats.host_alloc_calls;
+  out["alloc_failures"] = stats.alloc_failures;
   out["reuse_hits"] = stats.reuse_hits;
   out["spills"] = stats.spills;
   out["slabs"] = stats.slabs;
@@ -144,7 +145,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::call_guard<py::gil_scoped_release>())
       .def("set_slab_bytes", &PinnedPool::set_slab_bytes, py::arg("nbytes"))
       .def("stats", &pool_stats)
-      .def("reset_peak", &PinnedPool::reset_peak);
+      .def("reset_peak", &PinnedPool::reset_peak)
+      .def(
+          "_fail_allocation_after",
+          &PinnedPool::fail_allocation_after,
+          py::arg("successes"),
+          py::arg("failures") = 1,
+          "Test hook: lets `successes` host allocations through, then makes "
+          "the next `failures` fail as an allocator out of memory does.");
 
   py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
       .def_property_readonly("id", &Handle::id)
@@ -168,7 +176,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init(&CopyEngine::create), py::arg("device"), py::arg("pool"))
       .def_property_readonly("device", &CopyEngine::device)
       .def_property_readonly("pool", &CopyEngine::pool)
-      .def("offload", &CopyEngine::offload, py::arg("tensor"))
+      // Wrapped so that the pool's warning reaches Python's warnings and
+      // TORCH_CHECK_TYPE / _VALUE raise TypeError / ValueError.
+      .def(
+          "offload",
+          torch::wrap_pybind_function(
+              [](CopyEngine& engine, const at::Tensor& tensor) {
+                return engine.offload(tensor);
+              }),
+          py::arg("tensor"))
       .def("prefetch", &CopyEngine::prefetch, py::arg("handle"))
       .def("fetch", &CopyEngine::fetch, py::arg("handle"))
       .def(

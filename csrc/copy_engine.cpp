@@ -109,6 +109,33 @@ c10::OptionalStreamGuard run_on(bool has_streams, const c10::Stream& stream) {
   return c10::OptionalStreamGuard();
 }
 
+// The dtypes torch declares but cannot copy (sub-byte integers).
+bool is_shell_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::ScalarType::UInt1:
+    case at::ScalarType::UInt2:
+    case at::ScalarType::UInt3:
+    case at::ScalarType::UInt4:
+    case at::ScalarType::UInt5:
+    case at::ScalarType::UInt6:
+    case at::ScalarType::UInt7:
+    case at::ScalarType::Int1:
+    case at::ScalarType::Int2:
+    case at::ScalarType::Int3:
+    case at::ScalarType::Int4:
+    case at::ScalarType::Int5:
+    case at::ScalarType::Int6:
+    case at::ScalarType::Int7:
+      return true;
+    default:
+      return false;
+  }
+}
+
+constexpr const char* kSupported =
+    "; offload takes a plain dense (strided) tensor with its own storage, of "
+    "any dtype but quantized and sub-byte ones";
+
 int64_t byte_size(const at::Tensor& tensor) {
   return static_cast<int64_t>(tensor.numel()) *
       static_cast<int64_t>(tensor.element_size());
@@ -162,6 +189,49 @@ CopyEngine::CopyEngine(c10::Device device, std::shared_ptr<PinnedPool> pool)
       h2d_stream_(side_stream(device)),
       pool_(std::move(pool)) {}
 
+void CopyEngine::check_offloadable(const at::Tensor& tensor) const {
+  // Everything offload cannot copy is refused here, before any buffer or
+  // handle exists, so a refusal leaks nothing.
+  TORCH_CHECK_VALUE(tensor.defined(), "offload: tensor is undefined", kSupported);
+  TORCH_CHECK_TYPE(
+      !tensor.is_nested(), "offload: tensor is a nested tensor", kSupported);
+  TORCH_CHECK_TYPE(
+      tensor.layout() == at::kStrided,
+      "offload: tensor must be dense (strided), got layout ",
+      tensor.layout(),
+      kSupported,
+      " (convert it with .to_dense())");
+  TORCH_CHECK_TYPE(
+      !tensor.is_quantized(),
+      "offload: tensor is quantized (",
+      tensor.scalar_type(),
+      ")",
+      kSupported,
+      " (call .dequantize() first)");
+  TORCH_CHECK_TYPE(
+      !tensor.key_set().has_any(c10::DispatchKeySet(
+          {c10::DispatchKey::Python, c10::DispatchKey::Functionalize})),
+      "offload: tensor is a tensor subclass, fake or functional tensor (",
+      tensor.key_set(),
+      ") whose data the engine cannot copy",
+      kSupported);
+  TORCH_CHECK_TYPE(
+      tensor.has_storage(), "offload: tensor has no storage", kSupported);
+  TORCH_CHECK(
+      tensor.device() == device_,
+      "offload: tensor is on ",
+      tensor.device(),
+      " but this engine serves ",
+      device_,
+      "; use gcoffload.get_engine(tensor.device)");
+  TORCH_CHECK_TYPE(
+      !is_shell_dtype(tensor.scalar_type()),
+      "offload: tensor has dtype ",
+      tensor.scalar_type(),
+      ", which torch cannot copy",
+      kSupported);
+}
+
 c10::Stream CopyEngine::compute_stream() const {
   if (!has_streams_) {
     return c10::Stream(c10::Stream::DEFAULT, device_);
@@ -170,18 +240,7 @@ c10::Stream CopyEngine::compute_stream() const {
 }
 
 std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
-  TORCH_CHECK(tensor.defined(), "offload: tensor is undefined");
-  TORCH_CHECK(
-      tensor.device() == device_,
-      "offload: tensor is on ",
-      tensor.device(),
-      " but this engine serves ",
-      device_,
-      "; use gcoffload.get_engine(tensor.device)");
-  TORCH_CHECK(
-      tensor.layout() == at::kStrided,
-      "offload: tensor must be dense (strided), got layout ",
-      tensor.layout());
+  check_offloadable(tensor);
   // See Note [Offload copies plain bytes].
   at::NoGradGuard no_grad;
   at::Tensor source = tensor.resolve_conj().resolve_neg().contiguous();
@@ -200,17 +259,21 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
     return handle;
   }
 
-  auto block = pool_->acquire(static_cast<size_t>(handle->nbytes_));
-  if (block) {
-    handle->host_ = block->view(source.scalar_type(), source.sizes());
-    handle->block_ = std::move(block);
+  // The handle owns the buffer from here on: whatever throws below, the
+  // buffer goes back to the pool when the handle dies.
+  handle->block_ = pool_->acquire(static_cast<size_t>(handle->nbytes_));
+  if (handle->block_) {
     handle->placement_ = Handle::Placement::Pool;
+    handle->host_ = handle->block_->view(source.scalar_type(), source.sizes());
   } else {
     TORCH_CHECK(
         over_budget_ != OverBudget::Error,
-        "offload: the host budget is exhausted (over_budget='error'). Raise it "
-        "with gcoffload.configure(host_budget_bytes=...) or pick "
-        "over_budget='keep' or 'pageable'.");
+        "offload: no host buffer for tensor (",
+        handle->nbytes_,
+        " bytes): the host budget is exhausted or the host refused pinned "
+        "memory (over_budget='error'). Raise the budget with "
+        "gcoffload.configure(host_budget_bytes=...), raise the host's pinned "
+        "memory cap (`ulimit -l`), or pick over_budget='keep' or 'pageable'.");
     if (over_budget_ == OverBudget::Keep) {
       handle->device_ = std::move(source);
       handle->placement_ = Handle::Placement::Device;

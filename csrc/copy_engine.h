@@ -153,6 +153,9 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
  private:
   CopyEngine(c10::Device device, std::shared_ptr<PinnedPool> pool);
 
+  // Raises, naming the argument, unless `offload` can copy `tensor`.
+  void check_offloadable(const at::Tensor& tensor) const;
+
   // Private members expect `mutex_` to be held. Tensors they stop referencing
   // go into `dropped`, which the caller destroys after unlocking: destroying a
   // tensor that Python also knew may take the GIL.

@@ -24,7 +24,9 @@ __all__ = [
     "CopyEngine",
     "Handle",
     "configure",
+    "default_host_budget",
     "get_engine",
+    "processes_on_this_node",
     "reset_stats",
     "stats",
 ]
@@ -40,7 +42,22 @@ CHECKPOINT_COUNTERS = (
 )
 # States rather than counts: a step reports them as they were when it ended.
 GAUGES = ("live_handles",)
+# Set by launchers to the number of processes on this node, in this order of trust.
+LOCAL_SIZE_VARIABLES = (
+    "LOCAL_WORLD_SIZE",  # torchrun, accelerate launch
+    "LOCAL_SIZE",  # the DeepSpeed launcher
+    "OMPI_COMM_WORLD_LOCAL_SIZE",  # Open MPI
+    "MV2_COMM_WORLD_LOCAL_SIZE",  # MVAPICH2
+    "MPI_LOCALNRANKS",  # MPICH and Intel MPI (Hydra)
+    "SLURM_NTASKS_PER_NODE",  # srun --ntasks-per-node
+)
+INT64_MAX = 2**63 - 1
+MAX_SLAB_BYTES = 2**62  # the largest power of two the C++ side holds
+# Each pending offload keeps its source tensor alive on the device; far more than
+# the layers of a step only holds memory back.
+MAX_PENDING_LIMIT = 1 << 16
 _UNSET: Any = object()
+_NODE_SHARE: Any = object()  # the default budget, worked out when first needed
 
 
 def _half_of_physical_memory() -> int | None:
@@ -50,14 +67,51 @@ def _half_of_physical_memory() -> int | None:
         return None
 
 
+def _positive_int(text: str | None) -> int | None:
+    try:
+        value = int(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
+
+
+def processes_on_this_node() -> int:
+    """How many processes of this job share this node (1 when not distributed).
+
+    Read from the launcher's environment (:data:`LOCAL_SIZE_VARIABLES`). Failing
+    that, a distributed job (``WORLD_SIZE``, or an initialised
+    ``torch.distributed``) is assumed to run one process per visible device.
+    """
+    for name in LOCAL_SIZE_VARIABLES:
+        value = _positive_int(os.environ.get(name))
+        if value is not None:
+            return value
+    world_size = _positive_int(os.environ.get("WORLD_SIZE")) or 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return 1
+    devices = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+    return min(world_size, devices) if devices > 0 else world_size
+
+
+def default_host_budget() -> int | None:
+    """Half of physical memory, shared by the processes of this node (None if unknown)."""
+    half = _half_of_physical_memory()
+    return None if half is None else half // processes_on_this_node()
+
+
 class _Settings:
     def __init__(self) -> None:
-        self.host_budget_bytes: int | None = _half_of_physical_memory()
+        self.host_budget_bytes: int | None = _NODE_SHARE
         self.over_budget = "keep"
         self.slab_bytes = 256 << 20
         self.max_pending = 32
 
     def as_dict(self) -> dict[str, Any]:
+        # Resolved late, so that a launcher's torch.distributed setup is seen.
+        if self.host_budget_bytes is _NODE_SHARE:
+            self.host_budget_bytes = default_host_budget()
         return dict(vars(self))
 
 
@@ -65,7 +119,6 @@ _settings = _Settings()
 _lock = threading.Lock()
 _pools: dict[str, Any] = {}
 _engines: dict[torch.device, CopyEngine] = {}
-_steps = 0
 
 
 class Handle(Protocol):
@@ -81,6 +134,7 @@ class Handle(Protocol):
     nbytes: int
     state: str  # "offloaded", "prefetched", "fetched" or "released"
     placement: str  # "pool", "pageable", "device" (kept by the budget) or "empty"
+    source_version: int  # the offloaded tensor's version counter now (Note [Watched versions])
 
     def release(self) -> None: ...
 
@@ -98,10 +152,13 @@ class CopyEngine:
 
     def __init__(self, impl: Any) -> None:
         self._impl = impl
+        self._tracing = False
+        self._trace_lock = threading.Lock()
         self._counters: Counter[str] = Counter(dict.fromkeys(CHECKPOINT_COUNTERS, 0))
         self.device: torch.device = impl.device
         self._step_start = self.stats()
         self._last_step: dict[str, int] | None = None
+        self.steps = 0  # training steps finished on this device
 
     def offload(self, tensor: torch.Tensor) -> Handle:
         """Starts copying ``tensor`` to host memory and returns at once.
@@ -111,12 +168,16 @@ class CopyEngine:
         contiguous on the current stream first; ``fetch`` returns that layout.
 
         Args:
-            tensor: a dense tensor on this engine's device, any dtype and shape.
+            tensor: a plain dense (strided) tensor on this engine's device, any
+                shape, any dtype but quantized and sub-byte ones.
 
         Raises:
-            TypeError: ``tensor`` is not a tensor.
-            RuntimeError: it lives on another device, or the host budget is
-                exhausted under ``over_budget="error"``.
+            TypeError: ``tensor`` is not a tensor, or of a kind the engine cannot
+                copy (sparse, nested, mkldnn, quantized, a tensor subclass, fake
+                or functional tensor, a sub-byte dtype). Nothing is allocated.
+            RuntimeError: it lives on another device, or no host buffer can be
+                had (budget exhausted, or pinned memory refused by the host)
+                under ``over_budget="error"``.
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"offload: tensor must be a torch.Tensor, got {type(tensor).__name__}")
@@ -150,13 +211,25 @@ class CopyEngine:
         self._impl.pool.reserve(nbytes)
 
     def trim(self) -> int:
-        """Frees host slabs none of whose buffers is in use; returns the bytes freed."""
+        """Gives back the host slabs none of whose buffers is in use; returns their bytes.
+
+        On the CPU the memory is freed. An accelerator's host allocator keeps it
+        cached and pinned for the process's next pinned allocations;
+        ``torch.accelerator.empty_host_cache()`` unpins it (and every other
+        unused cached block), which gcoffload never does on its own.
+        """
         return self._impl.pool.trim()
 
     def count(self, counter: str, amount: int = 1) -> None:
-        """Adds to one of :data:`CHECKPOINT_COUNTERS`, reported by :meth:`stats`."""
+        """Adds ``amount`` (a non-negative int) to one of :data:`CHECKPOINT_COUNTERS`.
+
+        Raises:
+            ValueError: ``counter`` is unknown or ``amount`` is negative or not an int.
+        """
         if counter not in self._counters:
             raise ValueError(f"count: unknown counter {counter!r}; expected one of {CHECKPOINT_COUNTERS}")
+        if not _is_non_negative_int(amount):
+            raise ValueError(f"count: amount must be a non-negative int, got {amount!r}")
         self._counters[counter] += amount
 
     def stats(self) -> dict[str, int]:
@@ -180,13 +253,19 @@ class CopyEngine:
         """
         return None if self._last_step is None else dict(self._last_step)
 
-    def _end_step(self) -> None:
+    def end_step(self) -> None:
+        """Ends the current step on this device; :meth:`last_step` then reports it.
+
+        Called by :class:`~gcoffload.saved_input.SavedInput` when backward
+        fetches the first input this device saved in a forward pass.
+        """
         now = self.stats()
         self._last_step = {
             name: value if name in GAUGES else value - self._step_start.get(name, 0)
             for name, value in now.items()
         }
         self._step_start = now
+        self.steps += 1
 
     @contextlib.contextmanager
     def trace(self) -> Iterator[list[dict[str, Any]]]:
@@ -203,13 +282,27 @@ class CopyEngine:
         stood still waiting for a copy (H2D for a fetch, the oldest queued D2H
         when more than ``max_pending`` are outstanding): the copy time overlap
         did not hide.
+
+        Raises:
+            RuntimeError: a trace of this engine is already active (blocks
+                cannot be nested, nor run from two threads at once).
         """
+        with self._trace_lock:
+            if self._tracing:
+                raise RuntimeError(
+                    f"trace: a trace of {self} is already active; engine.trace() blocks cannot "
+                    "be nested or overlap. Read the entries you need from the outer block's list."
+                )
+            self._tracing = True
         entries: list[dict[str, Any]] = []
-        self._impl.start_trace()
         try:
-            yield entries
+            self._impl.start_trace()
+            try:
+                yield entries
+            finally:
+                entries.extend(self._impl.stop_trace())
         finally:
-            entries.extend(self._impl.stop_trace())
+            self._tracing = False
 
     def mark(self, label: str) -> None:
         """Adds a point on the compute stream to an active trace (no-op otherwise)."""
@@ -247,18 +340,32 @@ def _normalize_device(device: torch.device | str | int | None) -> torch.device:
         raise ValueError("get_engine: meta tensors hold no data to offload")
     if device.type == "cpu":
         return torch.device("cpu")
-    if device.index is None:
+    try:
         module = torch.get_device_module(device.type)
-        device = torch.device(device.type, module.current_device())
-    return device
+        count = module.device_count() if module.is_available() else 0
+    except (RuntimeError, AttributeError, AssertionError):
+        count = 0
+    if count == 0:
+        raise ValueError(
+            f"get_engine: device {str(device)!r} is not available in this process (torch "
+            f"{torch.__version__} sees no {device.type} device); offload from a device that exists, "
+            "or pass 'cpu'"
+        )
+    index = module.current_device() if device.index is None else device.index
+    if not 0 <= index < count:
+        raise ValueError(
+            f"get_engine: device {str(device)!r} is not available: there are {count} {device.type} device(s)"
+        )
+    return torch.device(device.type, index)
 
 
 def _pool(device_type: str) -> Any:
     pool = _pools.get(device_type)
     if pool is None:
+        settings = _settings.as_dict()
         pool = _ext.load().PinnedPool(device_type)
-        pool.set_budget(_settings.host_budget_bytes)
-        pool.set_slab_bytes(_settings.slab_bytes)
+        pool.set_budget(settings["host_budget_bytes"])
+        pool.set_slab_bytes(settings["slab_bytes"])
         _pools[device_type] = pool
     return pool
 
@@ -293,60 +400,68 @@ def configure(
 ) -> dict[str, Any]:
     """Sets how the host pools behave; applies to existing and future engines.
 
+    Every value is checked before any is stored: a call that raises changes nothing.
+
     Args:
-        host_budget_bytes: cap on host memory each device type's pool holds.
-            None removes the cap. Default: half of physical memory.
-        over_budget: what an offload does past the cap: ``"keep"`` leaves the
-            tensor on the device (default), ``"pageable"`` copies into ordinary
-            host memory (slower), ``"error"`` raises.
-        slab_bytes: size of the host allocations buffers are carved from; a
-            power of two (default 256 MiB).
+        host_budget_bytes: cap on host memory each device type's pool holds, up
+            to 2**63 - 1; None removes the cap. Default: half of physical
+            memory, shared by the processes on this node
+            (:func:`processes_on_this_node`). Lowering it gives back unused
+            slabs at once and the others as their buffers come back.
+        over_budget: what an offload does past the cap, or when the host
+            refuses pinned memory: ``"keep"`` leaves the tensor on the device
+            (default), ``"pageable"`` copies into ordinary host memory
+            (slower), ``"error"`` raises.
+        slab_bytes: the largest host allocation the pool grows by, a power of
+            two from 512 to 2**62 (default 256 MiB). Slabs start at 1 MiB (or
+            slab_bytes if smaller) and double with demand.
         max_pending: offloads whose copy may still be reading their source
-            before the compute stream waits for the oldest (default 32).
+            before the compute stream waits for the oldest, from 1 to
+            :data:`MAX_PENDING_LIMIT` (default 32).
 
     Returns:
         The settings now in force.
-    """
-    if host_budget_bytes not in (_UNSET, None) and not _is_non_negative_int(host_budget_bytes):
-        raise ValueError(f"host_budget_bytes must be a non-negative int or None, got {host_budget_bytes!r}")
-    if over_budget is not _UNSET and over_budget not in OVER_BUDGET_POLICIES:
-        raise ValueError(f"over_budget must be one of {OVER_BUDGET_POLICIES}, got {over_budget!r}")
-    if slab_bytes is not _UNSET and not (
-        _is_non_negative_int(slab_bytes) and slab_bytes >= 512 and slab_bytes & (slab_bytes - 1) == 0
-    ):
-        raise ValueError(f"slab_bytes must be a power of two of at least 512, got {slab_bytes!r}")
-    if max_pending is not _UNSET and not (_is_non_negative_int(max_pending) and max_pending >= 1):
-        raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
 
-    with _lock:
+    Raises:
+        ValueError: a value is out of range; the message names it.
+    """
+    updates = {
+        name: value
         for name, value in (
             ("host_budget_bytes", host_budget_bytes),
             ("over_budget", over_budget),
             ("slab_bytes", slab_bytes),
             ("max_pending", max_pending),
-        ):
-            if value is not _UNSET:
-                setattr(_settings, name, value)
+        )
+        if value is not _UNSET
+    }
+    _check_settings(updates)
+    with _lock:
+        settings = {**_settings.as_dict(), **updates}
         for pool in _pools.values():
-            pool.set_budget(_settings.host_budget_bytes)
-            pool.set_slab_bytes(_settings.slab_bytes)
+            pool.set_budget(settings["host_budget_bytes"])
+            pool.set_slab_bytes(settings["slab_bytes"])
         for engine in _engines.values():
-            engine._impl.set_over_budget(_settings.over_budget)
-            engine._impl.set_max_pending(_settings.max_pending)
+            engine._impl.set_over_budget(settings["over_budget"])
+            engine._impl.set_max_pending(settings["max_pending"])
+        for name, value in updates.items():
+            setattr(_settings, name, value)
         return _settings.as_dict()
 
 
-def close_step() -> None:
-    """Ends the current step on every engine; :func:`stats` then reports it as ``last_step``.
-
-    Called by :class:`~gcoffload.saved_input.SavedInput` when backward fetches
-    the first input of a forward pass.
-    """
-    global _steps
-    with _lock:
-        for engine in _engines.values():
-            engine._end_step()
-        _steps += 1
+def _check_settings(updates: dict[str, Any]) -> None:
+    budget = updates.get("host_budget_bytes")
+    if budget is not None and not (_is_non_negative_int(budget) and budget <= INT64_MAX):
+        raise ValueError(f"host_budget_bytes must be None or an int from 0 to 2**63 - 1, got {budget!r}")
+    policy = updates.get("over_budget", OVER_BUDGET_POLICIES[0])
+    if policy not in OVER_BUDGET_POLICIES:
+        raise ValueError(f"over_budget must be one of {OVER_BUDGET_POLICIES}, got {policy!r}")
+    slab = updates.get("slab_bytes", MAX_SLAB_BYTES)
+    if not (_is_non_negative_int(slab) and 512 <= slab <= MAX_SLAB_BYTES and slab & (slab - 1) == 0):
+        raise ValueError(f"slab_bytes must be a power of two from 512 to 2**62, got {slab!r}")
+    pending = updates.get("max_pending", 1)
+    if not (_is_non_negative_int(pending) and 1 <= pending <= MAX_PENDING_LIMIT):
+        raise ValueError(f"max_pending must be an int from 1 to {MAX_PENDING_LIMIT}, got {pending!r}")
 
 
 def stats() -> dict[str, Any]:
@@ -358,16 +473,18 @@ def stats() -> dict[str, Any]:
     ``pageable_spills``, ``pending_waits``, ``live_handles``, and the
     checkpoint layer's counters. Pool counters: ``reserved_bytes``,
     ``in_use_bytes``, ``peak_in_use_bytes``, ``host_alloc_calls``,
-    ``reuse_hits``, ``spills``, ``slabs``, ``budget_bytes``.
+    ``alloc_failures`` (host allocations refused), ``reuse_hits`` (acquires
+    served without a host allocation), ``spills``, ``slabs``, ``budget_bytes``.
 
     ``last_step`` holds each engine's counters for the last finished training
     step alone (see :meth:`CopyEngine.last_step`), ``steps`` how many steps
-    have finished.
+    have finished (on the device that finished most: a model spread over
+    several devices ends each step once on each).
     """
     return {
         "engines": {str(device): engine.stats() for device, engine in _engines.items()},
         "last_step": {str(device): engine.last_step() for device, engine in _engines.items()},
-        "steps": _steps,
+        "steps": max((engine.steps for engine in _engines.values()), default=0),
         "pools": {device_type: pool.stats() for device_type, pool in _pools.items()},
         "settings": _settings.as_dict(),
     }

@@ -1,11 +1,11 @@
 """A checkpointed layer's input, kept on the device or parked on the host.
 
 Each checkpointed call saves one :class:`SavedInput`. It is linked to the one
-saved just before it in the same thread (the *forward chain*), which is how
-the backward pass of layer ``i`` knows what to prefetch for layer ``i - 1``.
-A per-thread *residency window* keeps the most recent inputs on the device:
-they are the first the backward pass needs, so copying them out and straight
-back would only cost bus time.
+saved just before it on the same device by the same thread (the *forward
+chain*), which is how the backward pass of layer ``i`` knows what to prefetch
+for layer ``i - 1``. A *residency window* per chain keeps the most recent inputs
+on the device: they are the first the backward pass needs, so copying them out
+and straight back would only cost bus time.
 
 Note [Who owns a SavedInput]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -15,6 +15,19 @@ it is freed right after the layer's backward (or with the graph, if backward
 never runs), and then its handle returns the host buffer to the pool. The
 chain and the window only hold weak references, so they never keep a layer
 input alive; an entry whose graph is gone simply drops out of them.
+
+Note [One chain per device and thread]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Autograd runs the backward pass of a device's nodes on that device's own
+thread, with the stream each node's forward ran on made current. A prefetch
+allocates its destination on the current stream of the handle's device
+(Note [Destination allocated on the compute stream] in csrc/copy_engine.cpp),
+so it must be issued from a backward node of the same device: there the
+current stream is the one that will use and free the tensor. Chaining inputs
+across devices (a model split over cuda:0 and cuda:1 in one thread) would
+have cuda:1's backward thread prefetch cuda:0's input onto whatever stream
+is current for cuda:0 on that thread. So each device has its own chain and
+window; the first input of each chain ends the step on its device.
 
 Note [In-place changes to saved inputs]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -41,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from .calls import describe_layer
-from .engine import CopyEngine, Handle, close_step, get_engine
+from .engine import CopyEngine, Handle, get_engine
 
 __all__ = [
     "DEFAULT_MIN_OFFLOAD_BYTES",
@@ -119,8 +132,9 @@ class SavedInput:
     def unpack(self) -> torch.Tensor:
         """The input on the device. Repeated calls return the same tensor (retain_graph).
 
-        The first input of a forward pass is the last one backward fetches, so
-        fetching it ends the training step for :func:`gcoffload.stats`.
+        The first input a forward pass saved on a device is the last one
+        backward fetches there, so fetching it ends the device's training step
+        for :func:`gcoffload.stats`.
 
         Raises:
             RuntimeError: the input was changed in place since it was saved
@@ -145,7 +159,7 @@ class SavedInput:
                 self._fetched = self.engine.fetch(self.handle)
                 self.handle.release()  # holds nothing now but the version it watches
             if self.previous is None:
-                close_step()
+                self.engine.end_step()
         return self._fetched
 
     def start_recompute(self, prefetch_depth: int) -> None:
@@ -207,23 +221,34 @@ def raise_modified_in_place(what: str, current: int, expected: int, layer: objec
     )
 
 
-class _ForwardChain(threading.local):
+class _ForwardChain:
+    """The last input saved on one device by one thread, and that device's residency window."""
+
     def __init__(self) -> None:
         self.last: weakref.ref[SavedInput] | None = None
         self.window: collections.deque[weakref.ref[SavedInput]] = collections.deque()
 
 
-_chain = _ForwardChain()
+class _ForwardChains(threading.local):
+    """One chain per device: see Note [One chain per device and thread]."""
+
+    def __init__(self) -> None:
+        self.by_device: dict[torch.device, _ForwardChain] = {}
+
+
+_chains = _ForwardChains()
 
 
 def can_save(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` can be a :class:`SavedInput`: dense data on a device with a copy engine.
 
-    Meta, sparse, nested and quantized tensors are saved as they are, like
+    Meta, sparse, nested and quantized tensors, and tensor subclasses (DTensor,
+    fake and functional tensors), are saved as they are, like
     torch.utils.checkpoint saves them.
     """
     return (
-        tensor.layout == torch.strided
+        type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        and tensor.layout == torch.strided
         and tensor.device.type != "meta"
         and not tensor.is_nested
         and not tensor.is_quantized
@@ -248,13 +273,16 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
     offloads = options.offload and tensor.is_floating_point() and tensor.nbytes >= options.min_offload_bytes
     if options.offload and not offloads:
         engine.count("kept_below_threshold")
-    previous = _chain.last() if _chain.last is not None else None
+    chain = _chains.by_device.get(engine.device)
+    if chain is None:
+        chain = _chains.by_device[engine.device] = _ForwardChain()
+    previous = chain.last() if chain.last is not None else None
     saved = SavedInput(engine, tensor, previous, layer)
-    _chain.last = weakref.ref(saved)
+    chain.last = weakref.ref(saved)
     if offloads:
-        _chain.window.append(weakref.ref(saved))
-        while len(_chain.window) > options.keep_resident:
-            oldest = _chain.window.popleft()()
+        chain.window.append(weakref.ref(saved))
+        while len(chain.window) > options.keep_resident:
+            oldest = chain.window.popleft()()
             if oldest is not None:
                 oldest.offload()
     return saved

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 
 import pytest
 import torch
 from conftest import DEVICES
+from torch.utils._pytree import tree_map
 
 import gcoffload
+from gcoffload import engine as engine_module
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool, torch.complex64]
 SHAPES = [(), (1,), (3,), (1023,), (4097,), (7, 13, 5), (0,), (4, 0, 3)]
@@ -24,6 +27,58 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed:
     if dtype == torch.bool:
         raw = raw % 2
     return raw.view(dtype).reshape(shape).to(device)
+
+
+def unsupported_tensor(kind: str) -> torch.Tensor:
+    """A tensor of a kind the copy engine cannot offload."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's beta / prototype / deprecation notices
+        return _make_unsupported_tensor(kind)
+
+
+def _make_unsupported_tensor(kind: str) -> torch.Tensor:
+    dense = torch.randn(4, 4)
+    if kind.startswith("sparse_"):
+        layout = kind.removeprefix("sparse_")
+        blocks = (2, 2) if layout in ("bsr", "bsc") else None
+        return dense.to_sparse(layout=getattr(torch, f"sparse_{layout}"), blocksize=blocks)
+    if kind == "mkldnn":
+        return dense.to_mkldnn()
+    if kind.startswith("nested"):
+        layout = torch.jagged if kind == "nested_jagged" else torch.strided
+        return torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(3, 3)], layout=layout)
+    if kind == "quantized":
+        return torch.quantize_per_tensor(dense, 0.1, 0, torch.qint8)
+    if kind == "sub_byte_dtype":
+        return torch.zeros(8, dtype=torch.uint8).view(torch.int3)
+    if kind == "functional":
+        return torch._to_functional_tensor(dense)
+    if kind == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            return torch.empty(4)
+    if kind == "wrapper_subclass":
+        return WrapperTensor(dense)
+    raise AssertionError(kind)
+
+
+class WrapperTensor(torch.Tensor):
+    """A __torch_dispatch__ subclass whose data lives in another tensor (as DTensor's does)."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor) -> WrapperTensor:
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype, device=elem.device)
+
+    def __init__(self, elem: torch.Tensor) -> None:
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(value):
+            return value.elem if isinstance(value, WrapperTensor) else value
+
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -115,19 +170,6 @@ def test_buffers_are_carved_from_slabs_without_power_of_two_waste(make_engine):
     del handles
 
 
-def test_a_slightly_smaller_request_reuses_a_free_buffer(make_engine):
-    engine = make_engine(slab_bytes=1 << 16)
-    pool = engine._impl.pool
-    engine.fetch(engine.offload(torch.zeros(10240, dtype=torch.uint8)))
-    hits, reserved = pool.stats()["reuse_hits"], pool.stats()["reserved_bytes"]
-    handle = engine.offload(torch.zeros(9000, dtype=torch.uint8))  # at most a quarter smaller: reused
-    assert pool.stats()["reuse_hits"] == hits + 1 and pool.stats()["in_use_bytes"] == 10240
-    far_smaller = engine.offload(torch.zeros(4096, dtype=torch.uint8))  # would waste too much: carved
-    assert pool.stats()["reuse_hits"] == hits + 1 and pool.stats()["in_use_bytes"] == 10240 + 4096
-    assert pool.stats()["reserved_bytes"] == reserved
-    del handle, far_smaller
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("view", ["conj", "neg"])
 def test_lazy_conjugate_and_negative_views_come_back_resolved(make_engine, device, view):
@@ -150,10 +192,10 @@ def test_fetched_tensors_carry_no_autograd_history(make_engine):
 
 
 def test_reserve_allocates_ahead_of_offloads(make_engine):
-    engine = make_engine(slab_bytes=1 << 16)
+    engine = make_engine(slab_bytes=1 << 20)
     engine.reserve(1 << 20)
     pool = engine._impl.pool
-    assert pool.stats()["host_alloc_calls"] == 1
+    assert pool.stats()["host_alloc_calls"] == 1 and pool.stats()["reserved_bytes"] == 1 << 20
     handles = [engine.offload(torch.ones(1000, dtype=torch.float64)) for _ in range(100)]
     assert pool.stats()["host_alloc_calls"] == 1
     del handles
@@ -318,9 +360,32 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match=r"tensor is on meta but this engine serves cpu"):
             make_engine().offload(torch.empty(3, device="meta"))
 
-    def test_offload_rejects_sparse_tensors(self, make_engine):
-        with pytest.raises(RuntimeError, match="must be dense"):
-            make_engine().offload(torch.eye(3).to_sparse())
+    @pytest.mark.parametrize(
+        ("kind", "message"),
+        [
+            ("sparse_coo", "must be dense"),
+            ("sparse_csr", "must be dense"),
+            ("sparse_csc", "must be dense"),
+            ("sparse_bsr", "must be dense"),
+            ("sparse_bsc", "must be dense"),
+            ("mkldnn", "must be dense"),
+            ("nested", "nested tensor"),
+            ("nested_jagged", "nested tensor"),
+            ("quantized", "quantized"),
+            ("sub_byte_dtype", "dtype"),
+            ("functional", "functional"),
+            ("fake", "fake"),
+            ("wrapper_subclass", "subclass"),
+        ],
+    )
+    def test_offload_rejects_unsupported_tensors_before_taking_a_buffer(self, make_engine, kind, message):
+        engine = make_engine()
+        with pytest.raises(TypeError, match=rf"offload: tensor .*{message}.*offload takes a plain dense"):
+            engine.offload(unsupported_tensor(kind))
+        gc.collect()
+        assert engine.stats()["live_handles"] == 0
+        assert engine._impl.pool.stats()["in_use_bytes"] == 0
+        assert engine._impl.pool.stats()["host_alloc_calls"] == 0, "rejected before the pool was asked"
 
     def test_fetch_rejects_something_that_is_not_a_handle(self, make_engine):
         with pytest.raises(TypeError, match=r"handle must come from CopyEngine\.offload"):
@@ -349,10 +414,64 @@ class TestBadInput:
             gcoffload.configure(**{setting: value})
         assert gcoffload.configure() == before
 
+    @pytest.mark.parametrize(
+        ("setting", "value"),
+        [
+            ("host_budget_bytes", 2**64),
+            ("host_budget_bytes", 2**63),
+            ("slab_bytes", 2**64),
+            ("slab_bytes", 2**63),
+            ("max_pending", 2**63),
+            ("max_pending", engine_module.MAX_PENDING_LIMIT + 1),
+        ],
+    )
+    def test_configure_stores_nothing_the_extension_cannot_hold(self, setting, value):
+        before = gcoffload.configure()
+        with pytest.raises(ValueError, match=setting):
+            gcoffload.configure(**{setting: value}, over_budget="pageable")
+        assert gcoffload.stats()["settings"] == before, "nothing of the failed call was stored"
+        assert gcoffload.configure(**{setting: before[setting]}) == before, "the next valid call works"
+        engine = gcoffload.get_engine("cpu")
+        assert engine._impl.pool.stats()["budget_bytes"] == before["host_budget_bytes"]
+
     @pytest.mark.parametrize("device", ["nonsense", "meta"])
     def test_get_engine_rejects_bad_devices(self, device):
         with pytest.raises(ValueError, match="get_engine"):
             gcoffload.get_engine(device)
+
+    # ids spelled out: a test whose id is "cuda" would be taken for a GPU test (conftest).
+    @pytest.mark.parametrize(
+        "device",
+        ["mps", "mps:0", "cuda", "cuda:0", "xpu", "cuda:99"],
+        ids=["mps", "mps-0", "cuda-current", "cuda-0", "xpu", "cuda-99"],
+    )
+    def test_get_engine_names_a_device_that_is_not_available(self, device):
+        device_type = torch.device(device).type
+        module = getattr(torch, device_type)
+        if module.is_available() and device != "cuda:99":
+            pytest.skip(f"{device_type} is available here")
+        with pytest.raises(ValueError, match=rf"get_engine: device '{device}' is not available"):
+            gcoffload.get_engine(device)
+
+    def test_count_takes_non_negative_ints_only(self, make_engine):
+        engine = make_engine()
+        for amount in (-5, 1.5, True):
+            with pytest.raises(ValueError, match="amount must be a non-negative int"):
+                engine.count("recomputes", amount)
+        engine.count("recomputes", 2)
+        assert engine.stats()["recomputes"] == 2
+
+    def test_a_nested_trace_is_an_error_and_leaves_the_outer_trace_intact(self, make_engine):
+        engine = make_engine()
+        with engine.trace() as outer:
+            first = engine.offload(torch.randn(10))
+            with pytest.raises(RuntimeError, match=r"trace: a trace of .* is already active"), engine.trace():
+                pass
+            engine.fetch(first)
+        assert [entry["op"] for entry in outer] == ["offload", "prefetch", "fetch"]
+        with engine.trace() as again:  # a finished trace does not block the next one
+            engine.mark("next")
+        assert [entry["label"] for entry in again] == ["next"]
 
     def test_get_engine_rejects_bad_types(self):
         with pytest.raises(TypeError, match="device must be"):
