@@ -1,4 +1,4 @@
-"""Shared fixtures: isolated engines, devices to parametrize over, and the cuda marker."""
+"""Shared fixtures: isolated engines, devices to parametrize over, and the cuda and simdev markers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import gc
 from collections.abc import Callable, Iterator
 
 import pytest
+import simdevice
 import torch
 
 from gcoffload import _ext
@@ -13,16 +14,45 @@ from gcoffload.engine import CopyEngine, get_engine
 
 HAS_CUDA = torch.cuda.is_available()
 
-DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.cuda)]
+# Devices whose copies run asynchronously on streams: the simulated device
+# (tests/simdevice) everywhere, a real GPU where there is one.
+ASYNC_DEVICES = [
+    pytest.param("simdev:0", marks=pytest.mark.simdev),
+    pytest.param("cuda:0", marks=pytest.mark.cuda),
+]
+DEVICES = ["cpu", *ASYNC_DEVICES]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if HAS_CUDA:
+    if not HAS_CUDA:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+    simdev_items = [item for item in items if "simdev" in item.keywords]
+    if simdev_items:
+        # Before any test runs: simdev must be registered before the process's
+        # first backward pass (see simdevice.load).
+        try:
+            simdevice.load()
+        except simdevice.BuildError as error:
+            skip = pytest.mark.skip(reason=f"the simulated device cannot be built here: {error}")
+            for item in simdev_items:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def idle_simdev(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A simdev test leaves every stream idle and the default copy and kernel timings behind it."""
+    if "simdev" not in request.keywords or not simdevice.is_available():
+        yield
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    previous = simdevice.copy_timing()
+    yield
+    for index in range(simdevice.device_count()):
+        simdevice.synchronize(index)
+    simdevice.set_copy_timing(**previous)
+    simdevice.reset_kernel_times()
 
 
 @pytest.fixture

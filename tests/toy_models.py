@@ -75,7 +75,7 @@ class Stack(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed(ids)
-        mask = causal_mask(ids.shape[1])
+        mask = causal_mask(ids.shape[1]).to(ids.device)
         for layer in self.layers:
             output = layer(hidden_states, mask)
             hidden_states = output[0] if isinstance(output, tuple) else output
