@@ -1,5 +1,5 @@
 // Python bindings. The typed, documented API lives in gcoffload/engine.py;
-// these are thin and keep the GIL except where they block on the device.
+// these are thin, and release the GIL around every call that can wait.
 
 #include "copy_engine.h"
 #include "pinned_pool.h"
@@ -84,7 +84,7 @@ py::dict engine_stats(CopyEngine& engine) {
   out["fetched_bytes"] = stats.fetched_bytes;
   out["kept_on_device"] = stats.kept_on_device;
   out["pageable_spills"] = stats.pageable_spills;
-  out["pending_waits"] = stats.pending_waits;
+  out["pending_handoffs"] = stats.pending_handoffs;
   out["live_handles"] = stats.live_handles;
   return out;
 }
@@ -180,13 +180,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       // TORCH_CHECK_TYPE / _VALUE raise TypeError / ValueError.
       .def(
           "offload",
-          torch::wrap_pybind_function(
+          torch::wrap_pybind_function_no_gil(
               [](CopyEngine& engine, const at::Tensor& tensor) {
                 return engine.offload(tensor);
               }),
           py::arg("tensor"))
-      .def("prefetch", &CopyEngine::prefetch, py::arg("handle"))
-      .def("fetch", &CopyEngine::fetch, py::arg("handle"))
+      .def(
+          "prefetch",
+          &CopyEngine::prefetch,
+          py::arg("handle"),
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "fetch",
+          &CopyEngine::fetch,
+          py::arg("handle"),
+          py::call_guard<py::gil_scoped_release>())
       .def(
           "synchronize",
           &CopyEngine::synchronize,

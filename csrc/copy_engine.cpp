@@ -11,7 +11,7 @@
 namespace gcoffload {
 
 // Note [Device-generic streams]
-// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 // Nothing here names CUDA. Streams come from the device type's registered
 // guard implementation (VirtualGuardImpl), events from c10::Event, pinned
 // memory from at::getHostAllocator, and copies from Tensor::copy_ with
@@ -19,28 +19,33 @@ namespace gcoffload {
 // and any accelerator torch registers these pieces for (CUDA, ROCm, XPU)
 // works unchanged. The CPU has no streams: `has_streams_` is false, copies
 // are synchronous and every Fence is complete when made.
-// The two side streams come from the device's pool of high-priority streams.
-// torch.cuda.Stream() and NCCL draw from the low-priority pool by default, and
-// a stream shared with them would queue our copies behind their work.
+// The two side streams are asked for with `getNewStream` at high priority, so
+// a backend that creates streams gives the engine streams of its own, which
+// no other work can queue on. CUDA and XPU answer it from their pools of
+// high-priority streams (a few per device, handed out round robin), which
+// torch.cuda.Stream() and NCCL do not draw from by default; a backend without
+// `getNewStream` is asked for a pool stream directly.
 
 // Note [Source lifetime]
 // ~~~~~~~~~~~~~~~~~~~~~~
 // The D2H copy reads the source tensor on the D2H stream while the compute
 // stream runs ahead. If the engine let go of the source at once, the caching
-// allocator could hand its memory to the next allocation on the compute
-// stream, and a kernel would overwrite it before the copy had read it.
-// `record_stream` would fix that by making the allocator wait, but it holds
-// back the memory until the allocator next polls its events, which inflates
-// peak memory exactly when we are trying to lower it. Instead the engine keeps
-// a reference in `pending_` together with the copy's fence and drops it once
-// the fence is done (polled on every engine call). If more than `max_pending_`
-// copies are outstanding, the compute stream waits on the device for the
-// oldest one; after that wait any reuse of its memory by the compute stream is
-// ordered behind the copy, so the reference can go. This assumes the memory
-// belongs to the compute stream, which holds for tensors made by the forward
-// pass that offloads them; likewise a prefetched tensor is expected to be
-// fetched on the stream that was current when it was prefetched (autograd
-// runs a graph's backward nodes on the stream of their forward).
+// allocator could hand its memory to the next allocation on the stream that
+// owns it, and a kernel would overwrite it before the copy had read it. (The
+// same holds for a prefetched tensor whose handle is dropped while the H2D
+// copy still writes it: Note [Dropped handles].) `record_stream` on the copy
+// stream would make the allocator wait, but for every copy it would hold the
+// memory back until the allocator next polls its events, which inflates peak
+// memory exactly when we are trying to lower it. Instead the engine keeps a
+// reference in `pending_` together with the copy's fence and drops it once the
+// fence is done (polled on every engine call). Only when more than
+// `max_pending_` copies are outstanding does the oldest go to the allocator
+// with `recordDataPtrOnStream` on its copy stream: the allocator then reuses
+// the memory, on whichever stream owns it, only after the copy. The engine
+// cannot name the owning stream (the device-generic API does not say which
+// stream a block was allocated on, and it need not be the caller's current
+// stream), and it does not have to: the allocator knows. The compute stream
+// never waits for a D2H copy.
 
 // Note [Destination allocated on the compute stream]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -80,25 +85,47 @@ namespace gcoffload {
 // not the memory) and reports its value; the checkpoint compares it with the
 // version it saved (gcoffload/saved_input.py).
 
+// Note [Pageable copies off the compute thread]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Past the host budget with over_budget='pageable', copies go to ordinary
+// host memory. A copy between the device and pageable memory blocks the host
+// until it is done (the driver stages it), so issuing it from the caller would
+// stall the training loop, with the GIL and the engine's lock held, for every
+// layer. Instead the caller orders the copy's stream as for any copy (after
+// the compute stream's work, or the allocation of the destination) and queues
+// the copy on the engine's HostWorker: one thread that runs the blocking copy
+// on the D2H or H2D stream, then signals a host fence. Both directions go
+// through that one thread in order, so an H2D copy always follows the D2H copy
+// of the same handle. `fetch` waits for the H2D fence on the host, with the GIL
+// released (the bindings release it around every call that can wait); the
+// copy is complete on the device by then. The job drops its references to the
+// tensors before it signals, so the last reference is never the worker's:
+// the engine's pending queue or the handle holds them until the fence is done.
+// Pageable copies are not traced.
+
 // Note [Traced stalls]
 // ~~~~~~~~~~~~~~~~~~~~
-// The compute stream waits for a copy in two places: `fetch` waits for the
-// H2D copy, and a full pending queue waits for the oldest D2H copy. While
-// tracing, each wait is bracketed by two timing fences on the compute stream.
-// The first completes when the compute work queued before the wait is done,
-// the second when the stream gets past the wait, so the gap between them is
-// the time compute stood still for that copy: zero when the copy had already
-// finished, the whole copy for an on-demand fetch. Summed over a step, it is
-// the copy time that overlap did not hide.
+// The compute stream waits for a copy in one place: `fetch` waits for the H2D
+// copy. While tracing, that wait is bracketed by two timing fences on the
+// compute stream. The first completes when the compute work queued before the
+// wait is done, the second when the stream gets past the wait, so the gap
+// between them is the time compute stood still for that copy: zero when the
+// copy had already finished, the whole copy for an on-demand fetch. Summed
+// over a step, it is the copy time that overlap did not hide.
 
 namespace {
 
+// See Note [Device-generic streams].
 c10::Stream side_stream(c10::Device device) {
   if (device.is_cpu()) {
     return c10::Stream(c10::Stream::DEFAULT, device);
   }
-  return c10::impl::VirtualGuardImpl(device.type())
-      .getStreamFromGlobalPool(device, /*isHighPriority=*/true);
+  const c10::impl::VirtualGuardImpl guard(device.type());
+  try {
+    return guard.getNewStream(device, /*priority=*/-1);
+  } catch (const c10::Error&) {
+    return guard.getStreamFromGlobalPool(device, /*isHighPriority=*/true);
+  }
 }
 
 // Makes `stream` current for a scope; the CPU has no streams to switch.
@@ -287,16 +314,20 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
   }
 
   Fence::record(compute_stream()).block(d2h_stream_);
-  const Fence start = tracing_ ? Fence::record(d2h_stream_, true) : Fence();
-  {
-    auto guard = run_on(has_streams_, d2h_stream_);
-    handle->host_.copy_(source, /*non_blocking=*/has_streams_);
+  if (has_streams_ && handle->placement_ == Handle::Placement::Pageable) {
+    handle->d2h_done_ = copy_on_worker(d2h_stream_, handle->host_, source);
+  } else {
+    const Fence start = tracing_ ? Fence::record(d2h_stream_, true) : Fence();
+    {
+      auto guard = run_on(has_streams_, d2h_stream_);
+      handle->host_.copy_(source, /*non_blocking=*/has_streams_);
+    }
+    handle->d2h_done_ = Fence::record(d2h_stream_, tracing_);
+    trace("offload", "d2h", handle.get(), start, handle->d2h_done_);
   }
-  handle->d2h_done_ = Fence::record(d2h_stream_, tracing_);
-  keep_until_done(std::move(source), handle->d2h_done_, dropped);
+  keep_until_done(std::move(source), handle->d2h_done_, d2h_stream_, dropped);
   stats_.offloads += 1;
   stats_.offloaded_bytes += handle->nbytes_;
-  trace("offload", "d2h", handle.get(), start, handle->d2h_done_);
   return handle;
 }
 
@@ -365,17 +396,46 @@ void CopyEngine::copy_to_device(Handle& handle) {
   at::Tensor destination = at::empty(
       handle.sizes_, at::TensorOptions().dtype(handle.dtype_).device(device_));
   Fence::record(compute_stream()).block(h2d_stream_);
-  handle.d2h_done_.block(h2d_stream_);
-  const Fence start = tracing_ ? Fence::record(h2d_stream_, true) : Fence();
-  {
-    auto guard = run_on(has_streams_, h2d_stream_);
-    destination.copy_(handle.host_, /*non_blocking=*/has_streams_);
+  if (has_streams_ && handle.placement_ == Handle::Placement::Pageable) {
+    // After the handle's D2H copy: the worker runs jobs in order.
+    handle.h2d_done_ = copy_on_worker(h2d_stream_, destination, handle.host_);
+  } else {
+    handle.d2h_done_.block(h2d_stream_);
+    const Fence start = tracing_ ? Fence::record(h2d_stream_, true) : Fence();
+    {
+      auto guard = run_on(has_streams_, h2d_stream_);
+      destination.copy_(handle.host_, /*non_blocking=*/has_streams_);
+    }
+    handle.h2d_done_ = Fence::record(h2d_stream_, tracing_);
+    trace("prefetch", "h2d", &handle, start, handle.h2d_done_);
   }
-  handle.h2d_done_ = Fence::record(h2d_stream_, tracing_);
   handle.device_ = std::move(destination);
   handle.state_ = Handle::State::Prefetched;
   stats_.fetched_bytes += handle.nbytes_;
-  trace("prefetch", "h2d", &handle, start, handle.h2d_done_);
+}
+
+Fence CopyEngine::copy_on_worker(
+    const c10::Stream& stream,
+    at::Tensor destination,
+    at::Tensor source) {
+  // See Note [Pageable copies off the compute thread].
+  Fence done = Fence::host_signal();
+  worker_.submit(
+      [stream, destination, source, done]() mutable {
+        std::string error;
+        try {
+          c10::StreamGuard guard(stream);
+          at::NoGradGuard no_grad;
+          destination.copy_(source, /*non_blocking=*/false);
+        } catch (const std::exception& failure) {
+          error = failure.what();
+        }
+        destination = at::Tensor();
+        source = at::Tensor();
+        done.signal(std::move(error));
+      },
+      done);
+  return done;
 }
 
 void CopyEngine::release(Handle& handle) {
@@ -395,7 +455,8 @@ void CopyEngine::release_locked(
   handle.state_ = Handle::State::Released;
   stats_.live_handles -= 1;
   if (state == Handle::State::Prefetched) {
-    keep_until_done(std::move(handle.device_), handle.h2d_done_, dropped);
+    keep_until_done(
+        std::move(handle.device_), handle.h2d_done_, h2d_stream_, dropped);
   }
   if (handle.block_) {
     const Fence& last_use = state == Handle::State::Prefetched
@@ -411,28 +472,36 @@ void CopyEngine::release_locked(
 void CopyEngine::keep_until_done(
     at::Tensor tensor,
     Fence fence,
+    const c10::Stream& copy_stream,
     std::vector<at::Tensor>& dropped) {
   // See Note [Source lifetime].
   if (fence.done()) {
     dropped.push_back(std::move(tensor));
     return;
   }
-  pending_.emplace_back(std::move(tensor), std::move(fence));
+  pending_.push_back(Pending{std::move(tensor), std::move(fence), copy_stream});
   while (pending_.size() > max_pending_) {
-    wait_on_compute(pending_.front().second, "pending_wait", nullptr);
-    dropped.push_back(std::move(pending_.front().first));
+    Pending& oldest = pending_.front();
+    if (oldest.fence.is_host_signal()) {
+      // A pageable copy the worker may not even have issued yet.
+      oldest.fence.synchronize();
+    } else {
+      c10::impl::VirtualGuardImpl(device_.type())
+          .recordDataPtrOnStream(oldest.tensor.storage().data_ptr(), oldest.copy_stream);
+    }
+    dropped.push_back(std::move(oldest.tensor));
     pending_.pop_front();
-    stats_.pending_waits += 1;
+    stats_.pending_handoffs += 1;
   }
 }
 
 void CopyEngine::poll_pending(std::vector<at::Tensor>& dropped) {
   auto still_busy = std::stable_partition(
-      pending_.begin(), pending_.end(), [](const auto& entry) {
-        return !entry.second.done();
+      pending_.begin(), pending_.end(), [](const Pending& entry) {
+        return !entry.fence.done();
       });
   for (auto it = still_busy; it != pending_.end(); ++it) {
-    dropped.push_back(std::move(it->first));
+    dropped.push_back(std::move(it->tensor));
   }
   pending_.erase(still_busy, pending_.end());
 }
@@ -441,6 +510,7 @@ void CopyEngine::synchronize() {
   std::vector<Fence> fences;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    fences.push_back(worker_.drained());
     fences.push_back(Fence::record(d2h_stream_));
     fences.push_back(Fence::record(h2d_stream_));
   }

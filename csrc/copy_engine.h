@@ -1,6 +1,7 @@
 #pragma once
 
 #include "fence.h"
+#include "host_worker.h"
 #include "pinned_pool.h"
 
 #include <ATen/core/Tensor.h>
@@ -37,13 +38,13 @@ struct EngineStats {
   int64_t fetched_bytes = 0;
   int64_t kept_on_device = 0; // offloads refused by the budget (Keep)
   int64_t pageable_spills = 0; // offloads past the budget (Pageable)
-  int64_t pending_waits = 0; // see Note [Source lifetime]
+  int64_t pending_handoffs = 0; // see Note [Source lifetime]
   int64_t live_handles = 0;
 };
 
 // One entry of the engine's trace, times in ms since `start_trace`.
 struct TraceEntry {
-  std::string op; // "offload", "prefetch", "fetch", "pending_wait" or "mark"
+  std::string op; // "offload", "prefetch", "fetch" or "mark"
   std::string stream; // "d2h", "h2d" or "compute"
   int64_t handle_id = -1;
   int64_t nbytes = 0;
@@ -163,7 +164,14 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   void keep_until_done(
       at::Tensor tensor,
       Fence fence,
+      const c10::Stream& copy_stream,
       std::vector<at::Tensor>& dropped);
+  // Queues a blocking copy on the worker; see Note [Pageable copies off the
+  // compute thread].
+  Fence copy_on_worker(
+      const c10::Stream& stream,
+      at::Tensor destination,
+      at::Tensor source);
   void poll_pending(std::vector<at::Tensor>& dropped);
   void copy_to_device(Handle& handle);
   void release_locked(Handle& handle, std::vector<at::Tensor>& dropped);
@@ -187,8 +195,15 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   const c10::Stream h2d_stream_;
   const std::shared_ptr<PinnedPool> pool_;
 
+  // A tensor a copy may still read or write, the copy's fence and stream.
+  struct Pending {
+    at::Tensor tensor;
+    Fence fence;
+    c10::Stream copy_stream;
+  };
+
   std::mutex mutex_;
-  std::deque<std::pair<at::Tensor, Fence>> pending_;
+  std::deque<Pending> pending_;
   size_t max_pending_ = 32;
   OverBudget over_budget_ = OverBudget::Keep;
   EngineStats stats_;
@@ -202,6 +217,8 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
     Fence end;
   };
   std::vector<TraceRecord> trace_;
+  // Last: destroyed first, while the pending tensors its jobs use still live.
+  HostWorker worker_;
 };
 
 } // namespace gcoffload

@@ -2,9 +2,13 @@
 
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
+#include <c10/util/Exception.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
+#include <string>
 
 namespace gcoffload {
 
@@ -13,7 +17,11 @@ namespace gcoffload {
 // On a device with streams (CUDA, XPU, ...) it wraps a c10::Event. On the CPU,
 // where every copy is synchronous, a fence is complete the moment it exists, so
 // the same code path runs on both without `if (cpu)` branches at each use.
-// Copies share the underlying event: a fence is a value, cheap to pass around.
+// A third kind is completed by a host thread (`host_signal`): the copy behind it
+// ran on that thread with blocking copies, so once it is signalled the device
+// holds nothing more to wait for (Note [Pageable copies off the compute
+// thread]). Copies share the underlying state: a fence is a value, cheap to
+// pass around.
 class Fence {
  public:
   // A fence that is already complete.
@@ -35,21 +43,54 @@ class Fence {
     return fence;
   }
 
+  // A fence that completes when `signal` is called on it (or a copy of it).
+  static Fence host_signal() {
+    Fence fence;
+    fence.host_ = std::make_shared<HostSignal>();
+    return fence;
+  }
+
+  // Completes a `host_signal` fence; `error` (if not empty) is raised by
+  // every later wait on it.
+  void signal(std::string error = {}) const {
+    TORCH_INTERNAL_ASSERT(host_, "signal() on a fence that is not a host_signal()");
+    {
+      std::lock_guard<std::mutex> lock(host_->mutex);
+      host_->done = true;
+      host_->error = std::move(error);
+    }
+    host_->signalled.notify_all();
+  }
+
+  bool is_host_signal() const {
+    return host_ != nullptr;
+  }
+
   // True once all work queued before the fence has finished.
   bool done() const {
+    if (host_) {
+      std::lock_guard<std::mutex> lock(host_->mutex);
+      return host_->done;
+    }
     return !event_ || event_->query();
   }
 
-  // Makes `stream` wait (on the device, not the host) for the fence.
+  // Makes `stream` wait (on the device, not the host) for the fence. A
+  // `host_signal` fence has nothing on the device to wait for: the calling
+  // thread waits until it is signalled.
   void block(const c10::Stream& stream) const {
-    if (event_) {
+    if (host_) {
+      wait_on_host();
+    } else if (event_) {
       event_->block(stream);
     }
   }
 
   // Blocks the calling host thread until the fence is done.
   void synchronize() const {
-    if (event_) {
+    if (host_) {
+      wait_on_host();
+    } else if (event_) {
       event_->synchronize();
     }
   }
@@ -66,7 +107,21 @@ class Fence {
   }
 
  private:
+  struct HostSignal {
+    std::mutex mutex;
+    std::condition_variable signalled;
+    bool done = false;
+    std::string error;
+  };
+
+  void wait_on_host() const {
+    std::unique_lock<std::mutex> lock(host_->mutex);
+    host_->signalled.wait(lock, [this] { return host_->done; });
+    TORCH_CHECK(host_->error.empty(), host_->error);
+  }
+
   std::shared_ptr<c10::Event> event_;
+  std::shared_ptr<HostSignal> host_;
   std::chrono::steady_clock::time_point wall_clock_{};
 };
 

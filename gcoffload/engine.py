@@ -39,6 +39,7 @@ CHECKPOINT_COUNTERS = (
     "recomputes",  # layer recomputes in backward
     "kept_resident",  # inputs the residency window kept on the device
     "kept_below_threshold",  # inputs too small to offload
+    "kept_during_capture",  # inputs saved while a graph was being captured
 )
 # States rather than counts: a step reports them as they were when it ended.
 GAUGES = ("live_handles",)
@@ -272,16 +273,15 @@ class CopyEngine:
         """Records every copy (and :meth:`mark`) issued inside the block.
 
         Yields a list that is filled when the block exits, one dict per entry:
-        ``op`` ("offload", "prefetch", "fetch", "pending_wait", "mark"),
+        ``op`` ("offload", "prefetch", "fetch", "mark"),
         ``stream`` ("d2h", "h2d", "compute"), ``handle_id``, ``nbytes``,
         ``label`` and ``start_ms``/``end_ms`` since the block began (device
         events on a GPU, wall-clock time on the CPU). Exiting synchronises with
         the copies.
 
-        A "fetch" or "pending_wait" entry spans the time the compute stream
-        stood still waiting for a copy (H2D for a fetch, the oldest queued D2H
-        when more than ``max_pending`` are outstanding): the copy time overlap
-        did not hide.
+        A "fetch" entry spans the time the compute stream stood still waiting
+        for the H2D copy: the copy time overlap did not hide. Copies to and
+        from pageable memory (``over_budget="pageable"``) are not traced.
 
         Raises:
             RuntimeError: a trace of this engine is already active (blocks
@@ -415,9 +415,11 @@ def configure(
         slab_bytes: the largest host allocation the pool grows by, a power of
             two from 512 to 2**62 (default 256 MiB). Slabs start at 1 MiB (or
             slab_bytes if smaller) and double with demand.
-        max_pending: offloads whose copy may still be reading their source
-            before the compute stream waits for the oldest, from 1 to
-            :data:`MAX_PENDING_LIMIT` (default 32).
+        max_pending: tensors whose copy may still read or write them that
+            the engine holds itself; past this many, the oldest goes to the
+            device's caching allocator, which reuses its memory only after
+            the copy (``record_stream``). From 1 to :data:`MAX_PENDING_LIMIT`
+            (default 32).
 
     Returns:
         The settings now in force.
@@ -470,7 +472,7 @@ def stats() -> dict[str, Any]:
     Engine counters (since the last :func:`reset_stats`): ``offloads``,
     ``offloaded_bytes``, ``prefetches``, ``fetches``, ``prefetch_hits``,
     ``on_demand_fetches``, ``fetched_bytes``, ``kept_on_device``,
-    ``pageable_spills``, ``pending_waits``, ``live_handles``, and the
+    ``pageable_spills``, ``pending_handoffs``, ``live_handles``, and the
     checkpoint layer's counters. Pool counters: ``reserved_bytes``,
     ``in_use_bytes``, ``peak_in_use_bytes``, ``host_alloc_calls``,
     ``alloc_failures`` (host allocations refused), ``reuse_hits`` (acquires

@@ -29,6 +29,16 @@ have cuda:1's backward thread prefetch cuda:0's input onto whatever stream
 is current for cuda:0 on that thread. So each device has its own chain and
 window; the first input of each chain ends the step on its device.
 
+Note [Graph capture]
+~~~~~~~~~~~~~~~~~~~~
+While the current stream records a graph (CUDA graphs, ``torch.cuda.graph``),
+nothing may query an event and every buffer a replay touches is baked into
+the graph, so an offload's host buffer could not be reused and its copy's
+events would break the capture. Inputs saved while capturing therefore stay on
+the device (counted as ``kept_during_capture``), and the window does not
+slide; prefetches are not issued. An input offloaded before the capture began
+cannot be fetched inside it: that raises, naming the fix.
+
 Note [In-place changes to saved inputs]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Autograd raises when a tensor it saved was changed in place before backward
@@ -62,6 +72,7 @@ __all__ = [
     "SavedInput",
     "SavedTensor",
     "can_save",
+    "capturing",
     "raise_modified_in_place",
     "save",
 ]
@@ -156,6 +167,12 @@ class SavedInput:
                 self._fetched = self.tensor
                 self.engine.count("kept_resident")
             else:
+                if capturing(self.engine.device):
+                    raise RuntimeError(
+                        "gcoffload: a layer input offloaded before graph capture began cannot be fetched "
+                        "while the stream is capturing (Note [Graph capture]). Capture whole training "
+                        "steps: run the forward pass inside the capture too."
+                    )
                 self._fetched = self.engine.fetch(self.handle)
                 self.handle.release()  # holds nothing now but the version it watches
             if self.previous is None:
@@ -164,8 +181,9 @@ class SavedInput:
 
     def start_recompute(self, prefetch_depth: int) -> None:
         """Prefetches the inputs backward needs next; called before this layer's own is fetched."""
-        for earlier in self.predecessors(prefetch_depth):
-            earlier.prefetch()
+        if not capturing(self.engine.device):
+            for earlier in self.predecessors(prefetch_depth):
+                earlier.prefetch()
         self.engine.count("recomputes")
 
     def predecessors(self, depth: int) -> list[SavedInput]:
@@ -239,6 +257,14 @@ class _ForwardChains(threading.local):
 _chains = _ForwardChains()
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is recording a graph; see Note [Graph capture]."""
+    if device.type == "cpu":
+        return False
+    query = getattr(torch.get_device_module(device.type), "is_current_stream_capturing", None)
+    return query is not None and bool(query())
+
+
 def can_save(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` can be a :class:`SavedInput`: dense data on a device with a copy engine.
 
@@ -273,6 +299,9 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
     offloads = options.offload and tensor.is_floating_point() and tensor.nbytes >= options.min_offload_bytes
     if options.offload and not offloads:
         engine.count("kept_below_threshold")
+    if offloads and capturing(engine.device):
+        engine.count("kept_during_capture")
+        offloads = False
     chain = _chains.by_device.get(engine.device)
     if chain is None:
         chain = _chains.by_device[engine.device] = _ForwardChain()

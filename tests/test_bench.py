@@ -72,7 +72,7 @@ def test_exposed_copy_time_is_the_time_compute_waited_for_copies():
 
     trace = [
         entry("offload", 0.0, 2.0, nbytes=100_000_000),
-        entry("pending_wait", 1.5, 2.0),
+        entry("fetch", 1.5, 2.0),
         entry("mark", 3.0, 3.0),
         entry("prefetch", 4.0, 8.0, nbytes=100_000_000),
         entry("fetch", 7.0, 8.0),

@@ -1,4 +1,8 @@
-"""The copy engine on a real GPU: side streams, overlap, source lifetimes, no leaks."""
+"""The copy engine on a real GPU: copies overlap real compute, no memory grows, the pool is pinned.
+
+The stream orderings themselves are tested on every asynchronous device, the
+simulated one included, in test_stream_ordering.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from test_engine import same_bytes
 pytestmark = pytest.mark.cuda
 
 DEVICE = "cuda:0"
-SPIN_CYCLES = 50_000_000  # keeps the compute stream busy for some tens of ms
 
 
 def overlap_ms(interval: tuple[float, float], other: tuple[float, float]) -> float:
@@ -68,64 +71,13 @@ def test_h2d_prefetch_overlaps_compute_on_a_side_stream(make_engine):
     assert same_bytes(engine.fetch(handle), source)
 
 
-def test_a_traced_fetch_spans_the_time_compute_waited_for_its_copy(make_engine):
-    engine = make_engine(DEVICE, slab_bytes=1 << 28)
-    source = torch.randn(64 << 18, device=DEVICE)
-    hidden, exposed = engine.offload(source), engine.offload(source)
-    engine.synchronize()
-    torch.cuda.synchronize()
-    with engine.trace() as trace:
-        engine.prefetch(hidden)
-        busy_compute()
-        engine.fetch(hidden)  # its copy finished while compute ran
-        engine.fetch(exposed)  # on demand: compute stands still for the whole copy
-    stalls = {entry["handle_id"]: entry for entry in trace if entry["op"] == "fetch"}
-    copies = {entry["handle_id"]: entry for entry in trace if entry["op"] == "prefetch"}
-
-    def span(entry: dict) -> float:
-        return entry["end_ms"] - entry["start_ms"]
-
-    assert span(stalls[hidden.id]) < 0.1 * span(copies[hidden.id]), (stalls, copies)
-    assert span(stalls[exposed.id]) >= 0.8 * span(copies[exposed.id]), (stalls, copies)
-
-
-@pytest.mark.parametrize("max_pending", [1, 32])
-def test_source_freed_and_reused_right_after_offload_stays_intact(make_engine, max_pending):
-    engine = make_engine(DEVICE, slab_bytes=1 << 26, max_pending=max_pending)
-    torch.manual_seed(0)
-    sources = [torch.randn(4 << 20, device=DEVICE) for _ in range(6)]
-    expected = [source.cpu() for source in sources]
-    torch.cuda.synchronize()
-    handles = []
-    while sources:
-        # The D2H copy waits for the compute stream, which is busy spinning; the
-        # source is dropped and its memory requested again before the copy runs.
-        torch.cuda._sleep(SPIN_CYCLES)
-        source = sources.pop(0)
-        handles.append(engine.offload(source))
-        del source
-        torch.empty(4 << 20, device=DEVICE).fill_(float("nan"))
-    for handle, reference in zip(handles, expected, strict=True):
-        assert same_bytes(engine.fetch(handle).cpu(), reference)
-    if max_pending == 1:
-        assert engine.stats()["pending_waits"] >= 5, "each offload found the previous copy still queued"
-
-
-def test_dropped_prefetched_handle_keeps_its_destination_until_the_copy_ends(make_engine):
-    engine = make_engine(DEVICE, slab_bytes=1 << 26)
-    handle = engine.offload(torch.full((4 << 20,), 7.0, device=DEVICE))
-    engine.synchronize()
-    torch.cuda._sleep(SPIN_CYCLES)
-    engine.prefetch(handle)  # the H2D copy waits behind the spin
-    del handle
-    reused = torch.empty(4 << 20, device=DEVICE).fill_(-1.0)
-    torch.cuda.synchronize()
-    assert bool((reused == -1.0).all()), "the H2D copy wrote into memory that was handed out again"
-
-
 def test_no_gpu_or_host_memory_growth_over_1000_round_trips(make_engine):
-    engine = make_engine(DEVICE, slab_bytes=1 << 24)
+    engine = make_engine(DEVICE, slab_bytes=1 << 26)
     pool = engine._impl.pool
+    # Up to ten round trips are in flight between synchronisations, each buffer
+    # returning to the pool behind its H2D copy: reserve room for all of them,
+    # so that no count below depends on how fast the bus drains.
+    engine.reserve(16 * (4 << 20))
     source = torch.randn(1 << 20, device=DEVICE)
     for _ in range(10):
         engine.fetch(engine.offload(source))

@@ -23,7 +23,7 @@ MIB = 1 << 20
 
 
 # Trace entries that span a wait of the compute stream for a copy (Note [Traced stalls]).
-STALL_OPS = ("fetch", "pending_wait")
+STALL_OPS = ("fetch",)
 
 
 def synchronize(device: torch.device) -> None:
