@@ -1,4 +1,4 @@
-"""Command line: ``python -m gcoffload {build,info,bench}``."""
+"""gcoffload's command line: build the C++ extension, print the setup, run the benchmark suite."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import importlib.metadata
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 
 from . import __version__, _ext, engine
+from .bench import common, suite
 
 
 def _version(distribution: str) -> str:
@@ -55,37 +57,45 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for key, value in report.items():
-            if isinstance(value, dict):
-                print(f"{key}:")
-                for sub_key, sub_value in value.items():
-                    print(f"  {sub_key}: {sub_value}")
-            else:
-                print(f"{key}: {value}")
+        _print_indented(report)
     return 0
 
 
-def bench(args: argparse.Namespace) -> int:
-    """Runs the benchmark suite (a CPU smoke run without a GPU)."""
-    from .bench import suite
-
-    return suite.main(args.rest)
+def _print_indented(mapping: dict[str, Any], depth: int = 0) -> None:
+    """``key: value`` lines, a nested mapping's lines indented under its key."""
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            print(f"{'  ' * depth}{key}:")
+            _print_indented(value, depth + 1)
+        else:
+            print(f"{'  ' * depth}{key}: {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gcoffload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
-        "bench", help="run the benchmark suite (see: python -m gcoffload bench --help)", add_help=False
-    ).set_defaults(run=bench)
-    commands.add_parser("build", help="build the C++ extension now").set_defaults(run=build)
-    info_parser = commands.add_parser("info", help="versions, device, extension and pool state")
-    info_parser.add_argument("--json", action="store_true", help="print JSON")
+        "build", help="build the C++ extension now", description="Builds the C++ extension now."
+    ).set_defaults(run=build)
+    info_parser = commands.add_parser(
+        "info",
+        help="versions, device, extension and pool state",
+        description="Prints versions, the device, the extension's state and the pool counters.",
+    )
+    info_parser.add_argument("--json", action="store_true", help="print JSON instead of indented lines")
     info_parser.set_defaults(run=info)
-    # The suite parses its own options, so they are passed through untouched.
-    args, args.rest = parser.parse_known_args(argv)
-    if args.rest and args.command != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
+    bench_parser = commands.add_parser(
+        "bench",
+        help="run the benchmark suite (a small smoke run without a GPU)",
+        description=common.help_text(suite.__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    suite.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=lambda args: suite.main(args, bench_parser))
+    # A subcommand's unknown arguments come back to this parser, which would answer with its own usage.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args)
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -137,17 +139,41 @@ def _require_toolchain() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _build(info: ExtensionInfo) -> ModuleType:
-    from torch.utils import cpp_extension
+class _DropCudaHomeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." warning.
 
+    torch.utils.cpp_extension logs it when imported on a machine that has a
+    CUDA toolkit but no GPU. The extension never uses CUDA_HOME (it is built
+    without CUDA), so the warning would only contradict the promise that no
+    CUDA toolkit is needed.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _import_cpp_extension() -> ModuleType:
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _DropCudaHomeNotice()
+    logger.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.removeFilter(quiet)
+    return cpp_extension
+
+
+def _build(info: ExtensionInfo) -> ModuleType:
+    cpp_extension = _import_cpp_extension()
     _require_toolchain()
     verbose = os.environ.get(VERBOSE_BUILD_ENV, "") not in ("", "0")
     print(
         f"gcoffload: building the C++ extension once for torch {torch.__version__} "
-        f"into {info.build_dir} (about a minute)",
+        f"into {info.build_dir} (about a minute; later runs load it from there)",
         file=sys.stderr,
         flush=True,
     )
+    started = time.monotonic()
     info.build_dir.mkdir(parents=True, exist_ok=True)
     try:
         module = cpp_extension.load(
@@ -161,6 +187,7 @@ def _build(info: ExtensionInfo) -> ModuleType:
     except (RuntimeError, subprocess.CalledProcessError, OSError) as error:
         raise RuntimeError(_build_failure_message(str(error), verbose)) from error
     (info.build_dir / _COMPLETE_MARKER).write_text(torch.__version__ + "\n")
+    print(f"gcoffload: extension built in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return module
 
 

@@ -1,19 +1,27 @@
-"""The benchmark suite: it runs end to end, every strategy computes the same step, the metrics add up."""
+"""The benchmark suite: it runs end to end, every strategy computes the same step, the metrics add up,
+its options are checked up front, noisy runs say so, and its figures show what was measured."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from gcoffload.bench import plots, stack_overlap
+from gcoffload.__main__ import main
+from gcoffload.bench import common, noise, plots, stack_overlap, suite
 from gcoffload.bench.decoder import LLAMA_1B, LLAMA_8B, SMOKE, build_stack
 from gcoffload.bench.stack_overlap import StackConfig
 from gcoffload.bench.strategies import STRATEGIES
+
+ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run's stacks")
+# Step times of which the middle 60% spread 160% of the median: (260 - 100) / 100.
+SCATTERED_MS = [100.0, 100.0, 250.0, 100.0, 300.0]
 
 
 def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path):
@@ -148,3 +156,177 @@ def test_stacks_are_cut_to_the_layers_that_fit_in_device_memory():
     weights_and_grads = 4 * LLAMA_8B.parameters_per_layer
     assert 1 <= on_24_gib < 32 and on_24_gib * weights_and_grads < 24 * gib
     assert long_8b.fitted(torch.bfloat16, 4 * gib).layers == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--steps", "0"], "argument --steps: must be a whole number >= 1, not '0'"),
+        (["--steps", "many"], "argument --steps: must be a whole number >= 1, not 'many'"),
+        (["--warmup", "-1"], "argument --warmup: must be a whole number >= 0, not '-1'"),
+        (["--tokens", "9-9"], "argument --tokens: '9-9' is not BATCHxLENGTH, e.g. 4x2048"),
+        (["--shapes", "llama-2"], "argument --shapes: invalid choice: 'llama-2'"),
+        (
+            ["--scenarios", "copy", "--tokens", "2x256"],
+            "--shapes and --tokens choose stacks, but --scenarios",
+        ),
+        pytest.param(
+            ["--shapes", "llama-1b-like"],
+            "argument --shapes: the CPU smoke run has no llama-1b-like; choose from smoke",
+            marks=ON_CPU,
+        ),
+        pytest.param(
+            ["--tokens", "9x9"],
+            "argument --tokens: the CPU smoke run has no 9x9; choose from 2x256",
+            marks=ON_CPU,
+        ),
+    ],
+)
+def test_bench_options_that_would_fail_or_run_nothing_are_usage_errors(options, message, tmp_path, capsys):
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", "--out", str(out), *options])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: python -m gcoffload bench") and message in error
+    assert not out.exists(), "nothing ran"
+
+
+def test_bench_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    with pytest.raises(SystemExit):
+        main(["bench", "--out", str(taken)])
+    assert f"argument --out: '{taken}' is a file" in capsys.readouterr().err
+
+
+def test_bench_refuses_the_transformers_step_without_transformers(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(suite, "_hf_installed", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["bench", "--out", str(tmp_path / "results"), "--scenarios", "hf"])
+    assert "argument --scenarios: hf needs transformers and peft" in capsys.readouterr().err
+
+
+def test_the_gpu_suite_names_its_stacks_when_asked_for_one_it_lacks(capsys):
+    parser = argparse.ArgumentParser(prog="bench")
+    suite.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "llama-8b-like", "--tokens", "1x16384"])
+    assert [config.label for config in suite._stacks(suite.GPU_SUITE, suite.SCENARIOS, args, parser)] == [
+        "llama-8b-like L=32 1x16384"
+    ]
+    with pytest.raises(SystemExit):
+        suite._stacks(suite.GPU_SUITE, suite.SCENARIOS, parser.parse_args(["--tokens", "9x9"]), parser)
+    assert "the GPU suite has no 9x9; choose from 1x4096, 4x2048, 1x16384" in capsys.readouterr().err
+
+
+def test_bench_help_is_plain_text_and_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", "--help"])
+    assert raised.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text
+    assert "Writes results.json, summary.md and PNGs" in text
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    assert all(action.help for action in parser._actions), "every option has a help string"
+
+
+def test_noisy_step_times_and_copies_too_slow_to_be_real_are_named():
+    assert noise.diagnose([100.0, 102.0, 99.0, 101.0, 100.0], {"D2H": 12.5, "H2D": None}) is None
+    assert noise.relative_spread(SCATTERED_MS) == pytest.approx(1.6)
+    assert noise.diagnose(SCATTERED_MS) == "step times spread 160% > 20%"
+    assert noise.diagnose(gbps={"D2H": 0.004, "H2D": 20.0}) == "D2H 0.00 GB/s < 0.1 GB/s"
+    slow = {"raw D2H": 0.07, "raw H2D": 0.05, "engine D2H": 9.0}
+    assert noise.diagnose([100.0], slow) == "raw D2H 0.07, raw H2D 0.05 GB/s < 0.1 GB/s"
+
+
+@pytest.fixture(scope="module")
+def scattered_stack() -> Iterator[dict]:
+    """A two-layer stack measured for real, except that every strategy's timed steps scatter."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "time_steps", lambda *args, **kwargs: SCATTERED_MS)
+        strategies = [STRATEGIES["checkpoint"], STRATEGIES["gcoffload-d1"]]
+        config = StackConfig(SMOKE, layers=2, batch=1, length=32)
+        yield stack_overlap.run(config, strategies, torch.device("cpu"), torch.float32, warmup=0, steps=5)
+
+
+def test_a_noisy_run_is_marked_in_its_tables_and_summary(scattered_stack):
+    assert all(
+        row["noisy"].startswith("step times spread 160% > 20%") for row in scattered_stack["strategies"]
+    )
+    results = {
+        "environment": common.environment(torch.device("cpu")),
+        "suite": "cpu-smoke",
+        "stacks": [scattered_stack],
+    }
+    summary = suite._summary(results)
+    assert "**noisy: these measurements scatter; rerun on an idle machine.**" in summary
+    assert "- smoke L=2 1x32 checkpoint: step times spread 160% > 20%" in summary
+    assert "| checkpoint | 100.0 | 100.0 | 260.0 | +0.0% |" in summary and "| noisy |" in summary
+
+    steady = {
+        **scattered_stack,
+        "strategies": [{**row, "noisy": None} for row in scattered_stack["strategies"]],
+        "raw_copy": {**scattered_stack["raw_copy"], "noisy": None},
+    }
+    assert "noisy:" not in suite._summary({**results, "stacks": [steady]})
+
+
+def _suptitles(results: dict) -> dict[str, str]:
+    return {name: figure.get_suptitle() for name, figure in suite._figures(results).items()}
+
+
+def test_figures_of_a_cpu_run_say_so_and_leave_out_the_memory_it_did_not_measure(scattered_stack):
+    cpu_run = {"environment": {"smoke_run": True}, "stacks": [scattered_stack]}
+    assert _suptitles(cpu_run) == {
+        "strategies-0-smoke-1x32.png": f"{suite.SMOKE_TITLE}: smoke L=2 1x32",
+        "timeline-0-smoke-1x32.png": f"{suite.SMOKE_TITLE}: gcoffload-d1 step: smoke L=2 1x32",
+    }
+    gpu_run = {"environment": {"smoke_run": False}, "stacks": [scattered_stack]}
+    assert not any("CPU" in title for title in _suptitles(gpu_run).values())
+
+    on_the_cpu = plots.strategies(scattered_stack, "cpu")
+    (time_axis,) = on_the_cpu.axes
+    assert [text.get_text() for text in time_axis.get_legend().get_texts()] == [
+        "noisy: rerun on an idle machine"
+    ]
+    measured = [
+        {**row, "peak_bytes": 3 << 30, "held_after_forward_bytes": 1 << 30}
+        for row in scattered_stack["strategies"]
+    ]
+    _, memory_axis = plots.strategies({**scattered_stack, "strategies": measured}, "gpu").axes
+    legend = [text.get_text() for text in memory_axis.get_legend().get_texts()]
+    assert legend == ["peak allocated", "held after forward"]
+
+
+def test_the_timeline_shows_short_copies_fits_its_labels_and_explains_only_what_it_draws():
+    def mark(label: str, at: float) -> dict:
+        return {"op": "mark", "label": label, "start_ms": at, "end_ms": at}
+
+    trace = [
+        mark("forward:0:start", 0),
+        mark("forward:0:end", 4),
+        mark("forward:1:start", 4),
+        mark("forward:1:end", 8),
+        {"op": "offload", "label": "", "start_ms": 4.0, "end_ms": 4.001, "handle_id": 7},
+        mark("recompute:1:start", 9),
+        mark("recompute:1:end", 10),
+        mark("recompute:0:start", 11),
+        mark("recompute:0:end", 12),
+    ]
+    figure = plots.timeline(trace, "step")
+    figure.draw_without_rendering()
+    (axis,) = figure.axes
+    bars = [patch.get_window_extent() for patch in axis.patches]
+    (copy_bar,) = (bar for patch, bar in zip(axis.patches, bars, strict=True) if patch.get_center()[1] == 1)
+    assert copy_bar.width >= 6, "a copy of 1 us in a 12 ms step is still a bar, not a hairline"
+    labels = {text.get_text(): text.get_window_extent() for text in axis.texts}
+    assert {"F0", "F1", "R1", "B1", "R0"} <= set(labels) and "B0" not in labels and "#7" not in labels
+    for extent in labels.values():
+        assert any(bar.x0 <= extent.x0 and extent.x1 <= bar.x1 for bar in bars), "a label stays in its bar"
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "forward (F) / recompute (R) of a layer",
+        "backward of a layer (B)",
+        "offload to host (#handle)",
+    ]

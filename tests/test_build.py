@@ -14,6 +14,7 @@ import torch
 
 import gcoffload
 from gcoffload import _ext
+from gcoffload.__main__ import main
 
 LOAD = "import gcoffload; gcoffload.get_engine('cpu'); print(gcoffload._ext.extension_info().library)"
 
@@ -34,13 +35,15 @@ def test_the_installed_package_carries_its_sources():
     assert info.source_dir == (package / "csrc" if installed else package.parent / "csrc")
 
 
-def test_first_use_builds_once_with_one_notice_then_loads_from_the_cache(tmp_path):
+def test_first_use_builds_once_with_two_notices_then_loads_from_the_cache(tmp_path):
     env = {**os.environ, "GCOFFLOAD_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("GCOFFLOAD_VERBOSE_BUILD", None)
     first = run_python(LOAD, env, tmp_path)
     assert first.returncode == 0, first.stderr
-    notices = [line for line in first.stderr.splitlines() if line.startswith("gcoffload:")]
-    assert len(notices) == 1 and "building the C++ extension once" in notices[0]
+    notices = first.stderr.splitlines()
+    assert len(notices) == 2, first.stderr
+    assert "building the C++ extension once" in notices[0] and "about a minute" in notices[0]
+    assert notices[1].startswith("gcoffload: extension built in ")
     library = Path(first.stdout.strip())
     assert library.is_file() and library.is_relative_to(tmp_path / "cache")
     assert f"torch-{torch.__version__}" in str(library.parent)
@@ -49,6 +52,33 @@ def test_first_use_builds_once_with_one_notice_then_loads_from_the_cache(tmp_pat
     assert second.returncode == 0, second.stderr
     assert "building" not in second.stderr
     assert second.stdout.strip() == str(library)
+
+
+# A CUDA build of torch on a machine with a CUDA toolkit and no GPU, as far as
+# torch's build helper can tell when it is imported.
+CUDA_TORCH_WITHOUT_GPU = """
+import logging, torch
+logging.basicConfig()
+torch.cuda._is_compiled = lambda: True
+torch.version.cuda = torch.version.cuda or "13.0"
+torch.cuda.is_available = lambda: False
+"""
+
+
+@pytest.mark.parametrize("importer", ["torch", "gcoffload"])
+def test_the_build_does_not_warn_about_a_cuda_runtime_it_never_uses(tmp_path, importer):
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}
+    code = CUDA_TORCH_WITHOUT_GPU + (
+        "import torch.utils.cpp_extension"
+        if importer == "torch"
+        else "gcoffload._ext._import_cpp_extension()"
+    )
+    if importer == "gcoffload":
+        code = "import gcoffload._ext\n" + code
+    result = run_python(code, env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    # torch's own import shows the warning is there to drop.
+    assert ("No CUDA runtime is found" in result.stderr) == (importer == "torch"), result.stderr
 
 
 def test_a_missing_compiler_is_a_runtime_error_that_says_what_to_install(tmp_path):
@@ -108,3 +138,20 @@ def test_cli_build_and_info(tmp_path):
     assert report["extension"]["built"] is True
     assert Path(report["extension"]["path"]).is_file()
     assert report["stats"]["pools"], "info reports the pool counters"
+
+
+def test_cli_info_prints_nested_counters_as_indented_lines(capsys):
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any("{" in line for line in lines), "no mapping printed on one line"
+    assert {"stats:", "  engines:", "    cpu:", "  pools:"} <= set(lines)
+    assert any(line.startswith("      offloads: ") for line in lines)
+
+
+def test_cli_errors_show_the_usage_of_the_subcommand_they_are_in(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["info", "--bogus"])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: python -m gcoffload info [-h] [--json]")
+    assert "unrecognized arguments: --bogus" in error

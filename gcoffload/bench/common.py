@@ -1,11 +1,13 @@
-"""What every benchmark scenario shares: device helpers, step timing, statistics, tables."""
+"""What every benchmark scenario shares: device helpers, step timing, statistics, tables, CLI types."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -148,3 +150,25 @@ def table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str, str]
     for row in rows:
         lines.append("| " + " | ".join(format_value(row.get(key), kind) for key, _, kind in columns) + " |")
     return "\n".join(lines)
+
+
+def help_text(docstring: str) -> str:
+    """A reST docstring as plain text for ``--help``: ``code`` and :mod:`.name` without their markup."""
+    return re.sub(r":\w+:`\.?([^`]+)`", r"\1", docstring).replace("``", "")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    value = int(text) if re.fullmatch(r"[+-]?\d+", text) else None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, not {text!r}")
+    return value

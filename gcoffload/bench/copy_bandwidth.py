@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from ..engine import get_engine
-from . import common
+from . import common, noise
 
 GPU_SIZES = tuple(common.MIB << shift for shift in range(0, 11, 2))  # 1 MiB .. 1 GiB
 SMOKE_SIZES = (common.MIB, 4 * common.MIB, 16 * common.MIB)
+DIRECTIONS = {"d2h": "D2H", "h2d": "H2D", "both": "both"}
 
 
 def raw_copy_ms(nbytes: int, device: torch.device, direction: str, repeats: int = 5) -> float:
@@ -102,12 +103,19 @@ def run(
     for nbytes in sizes:
         advance(f"copy {nbytes // common.MIB} MiB")
         row: dict[str, Any] = {"bytes": nbytes, "size": f"{nbytes // common.MIB} MiB"}
-        for direction in ("d2h", "h2d", "both"):
+        for direction in DIRECTIONS:
             moved = 2 * nbytes if direction == "both" else nbytes
             row[f"raw_{direction}_gbps"] = common.gbps(moved, raw_copy_ms(nbytes, device, direction))
             row[f"engine_{direction}_gbps"] = common.gbps(moved, engine_copy_ms(nbytes, device, direction))
             if row[f"raw_{direction}_gbps"] and row[f"engine_{direction}_gbps"]:
                 row[f"{direction}_vs_raw"] = row[f"engine_{direction}_gbps"] / row[f"raw_{direction}_gbps"]
+        row["noisy"] = noise.diagnose(
+            gbps={
+                f"{kind} {name}": row[f"{kind}_{direction}_gbps"]
+                for kind in ("raw", "engine")
+                for direction, name in DIRECTIONS.items()
+            }
+        )
         rows.append(row)
     get_engine(device).trim()
     return rows
@@ -124,6 +132,7 @@ COLUMNS = [
     ("raw_both_gbps", "raw both", "gbps"),
     ("engine_both_gbps", "engine both", "gbps"),
     ("both_vs_raw", "both/raw", "frac"),
+    ("noisy", "noisy", "str"),
 ]
 
 
@@ -133,9 +142,14 @@ def report(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=common.help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes-mib", type=int, nargs="+", help="copy sizes in MiB (default: 1 MiB - 1 GiB)")
+    parser.add_argument(
+        "--sizes-mib",
+        type=common.positive_int,
+        nargs="+",
+        help="copy sizes in MiB (default: 1 MiB to 1 GiB on a GPU, 1 to 16 MiB on the CPU)",
+    )
     args = parser.parse_args(argv)
     device = get_engine().device
     default = GPU_SIZES if device.type != "cpu" else SMOKE_SIZES

@@ -20,7 +20,7 @@ import torch
 
 from ..engine import get_engine
 from ..hf import patch_model
-from . import common
+from . import common, noise
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ def _measure(model: Any, ids: torch.Tensor, device: torch.device, warmup: int, s
         "median_ms": statistics.median(times),
         **memory,
         "offloads_per_step": engine.stats()["offloads"],
+        "noisy": noise.diagnose(times),
     }
 
 
@@ -158,6 +159,7 @@ COLUMNS = [
     ("held_after_forward_bytes", "held after fwd GiB", "gib"),
     ("offloads_per_step", "offloads", "str"),
     ("skipped", "note", "str"),
+    ("noisy", "noisy", "str"),
 ]
 
 
@@ -169,10 +171,17 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=common.help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--warmup",
+        type=common.non_negative_int,
+        default=5,
+        help="untimed steps per run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=common.positive_int, default=10, help="timed steps per run (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     device = get_engine().device
     on_gpu = device.type != "cpu"

@@ -1,24 +1,35 @@
-"""PNG plots of a benchmark run: the stream timeline and step time / memory per strategy."""
+"""PNG figures of a benchmark run: the stream timeline of one step, and step time / memory per strategy."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import common
+from . import common, noise
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
 _MARK = re.compile(r"(forward|recompute):(\d+):(start|end)")
 _COLORS = {"compute": "#4c72b0", "backward": "#8fa9d6", "d2h": "#dd8452", "h2d": "#55a868", "wait": "#c44e52"}
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_LEGEND = {
+    "compute": "forward (F) / recompute (R) of a layer",
+    "backward": "backward of a layer (B)",
+    "d2h": "offload to host (#handle)",
+    "h2d": "prefetch to device (#handle)",
+    "wait": "compute waiting for a copy",
+}
+_MEMORY = (
+    ("peak_bytes", "peak allocated", "#c44e52"),
+    ("held_after_forward_bytes", "held after forward", "#8172b2"),
+)
+DPI = 130
+# The narrowest an interval is drawn, as a share of the step: about 8 pixels on the
+# timeline, so that a copy a thousand times shorter than the step still shows.
+MIN_BAR_SHARE = 1 / 200
 
 
 def compute_intervals(trace: list[dict]) -> list[tuple[float, float, str]]:
@@ -52,76 +63,123 @@ def compute_intervals(trace: list[dict]) -> list[tuple[float, float, str]]:
     return intervals
 
 
-def timeline(trace: list[dict], title: str, path: Path) -> None:
+def timeline(trace: list[dict], title: str) -> Figure:
     """Three lanes, compute / D2H / H2D, over one traced step (ms since the step began).
 
-    Waits of the compute stream for a copy are drawn over the compute lane in red.
+    Waits of the compute stream for a copy are drawn over the compute lane in red;
+    an interval is labelled where its label fits inside it.
     """
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     lanes = {"compute": compute_intervals(trace), "d2h": [], "h2d": []}
-    waits = [
-        (entry["start_ms"], entry["end_ms"], "wait") for entry in trace if entry["op"] in common.STALL_OPS
-    ]
+    waits = [(entry["start_ms"], entry["end_ms"]) for entry in trace if entry["op"] in common.STALL_OPS]
     for entry in trace:
         if entry["op"] == "offload":
             lanes["d2h"].append((entry["start_ms"], entry["end_ms"], f"#{entry['handle_id']}"))
         elif entry["op"] == "prefetch":
             lanes["h2d"].append((entry["start_ms"], entry["end_ms"], f"#{entry['handle_id']}"))
-    figure, axis = plt.subplots(figsize=(14, 3.2))
+    figure = Figure(figsize=(14, 3.2), dpi=DPI, layout="constrained")
+    axis = figure.subplots()
     span = max((end for intervals in lanes.values() for _, end, _ in intervals), default=1.0)
+    min_width = span * MIN_BAR_SHARE
+    legend, labelled = {}, []
     for row, (lane, intervals) in enumerate(reversed(lanes.items())):
         for start, end, label in intervals:
-            color = _COLORS["backward"] if label.startswith("B") else _COLORS[lane]
-            width = max(end - start, span / 500)  # keeps sub-pixel copies visible
-            axis.barh(row, width, left=start, height=0.6, color=color, edgecolor="white", linewidth=0.5)
-            if len(intervals) <= 64:
-                axis.text((start + end) / 2, row, label, ha="center", va="center", fontsize=6, color="white")
+            kind = "backward" if label.startswith("B") else lane
+            (bar,) = axis.barh(
+                row,
+                max(end - start, min_width),
+                left=start,
+                height=0.6,
+                color=_COLORS[kind],
+                edgecolor="white",
+                linewidth=0.5,
+            )
+            legend.setdefault(kind, bar)
+            labelled.append((bar, label))
     compute_row = len(lanes) - 1
-    for start, end, _ in waits:
+    for start, end in waits:
         if end > start:
-            axis.barh(compute_row, end - start, left=start, height=0.3, color=_COLORS["wait"])
+            (bar,) = axis.barh(
+                compute_row, max(end - start, min_width), left=start, height=0.3, color=_COLORS["wait"]
+            )
+            legend.setdefault("wait", bar)
+    axis.set_xlim(0, span + min_width)
     axis.set_yticks(range(3), ["H2D stream", "D2H stream", "compute stream"])
-    axis.set_xlabel(
-        "ms since the step began (F: forward, R: recompute, B: backward of a layer; #: handle id; "
-        "red: compute waiting for a copy)"
-    )
-    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("ms since the step began")
     axis.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=130)
-    plt.close(figure)
+    figure.suptitle(title, fontsize=10)
+    if legend:
+        drawn = [kind for kind in _LEGEND if kind in legend]
+        figure.legend(
+            [legend[kind] for kind in drawn],
+            [_LEGEND[kind] for kind in drawn],
+            loc="outside lower center",
+            ncols=len(drawn),
+            fontsize=8,
+        )
+    _label_where_it_fits(figure, labelled)
+    return figure
 
 
-def strategies(result: dict[str, Any], path: Path) -> None:
-    """Step time (median, p20-p80) and memory (peak, held after forward) for each strategy."""
-    plt = _pyplot()
+def _label_where_it_fits(figure: Figure, labelled: list[tuple[Rectangle, str]]) -> None:
+    """Writes each bar's label inside it, leaving out labels wider than their bar."""
+    figure.draw_without_rendering()  # lays the figure out: bar widths in pixels are final
+    for bar, label in labelled:
+        x, y = bar.get_center()
+        text = bar.axes.text(x, y, label, ha="center", va="center", fontsize=6, color="white")
+        if text.get_window_extent().width > bar.get_window_extent().width - 2:  # 1 px clear each side
+            text.remove()
+
+
+def strategies(result: dict[str, Any], title: str) -> Figure:
+    """Step time (median, p20-p80) and, where it was measured, memory (peak, held after forward).
+
+    Noisy strategies (see :mod:`.noise`) are hatched.
+    """
+    from matplotlib.figure import Figure
+
     rows = [row for row in result["strategies"] if not row.get("oom")]
-    names = [row["strategy"] for row in rows]
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 4))
+    memory = [series for series in _MEMORY if any(row.get(series[0]) is not None for row in rows)]
+    figure = Figure(figsize=(13 if memory else 7, 4), dpi=DPI, layout="constrained")
+    axes = figure.subplots(1, 2 if memory else 1, squeeze=False)[0]
+    _step_times(axes[0], rows)
+    if memory:
+        _memory(axes[1], rows, memory)
+    for axis in axes:
+        axis.tick_params(axis="x", rotation=30, labelsize=8)
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def _step_times(axis: Axes, rows: list[dict[str, Any]]) -> None:
     medians = [row["step_ms"]["median"] for row in rows]
     errors = [
         [row["step_ms"]["median"] - row["step_ms"]["p20"] for row in rows],
         [row["step_ms"]["p80"] - row["step_ms"]["median"] for row in rows],
     ]
-    time_axis.bar(names, medians, yerr=errors, color="#4c72b0", capsize=3)
-    time_axis.set_ylabel("step time, ms (median, p20-p80)")
-    positions = range(len(rows))
-    for offset, key, label, color in (
-        (-0.2, "peak_bytes", "peak allocated", "#c44e52"),
-        (0.2, "held_after_forward_bytes", "held after forward", "#8172b2"),
-    ):
+    bars = axis.bar([row["strategy"] for row in rows], medians, yerr=errors, color="#4c72b0", capsize=3)
+    noisy = [bar for bar, row in zip(bars, rows, strict=True) if row.get("noisy")]
+    for bar in noisy:
+        bar.set_hatch("//")
+    if noisy:
+        axis.legend([noisy[0]], [f"noisy: {noise.ADVICE}"], fontsize=8)
+    axis.set_ylabel("step time, ms (median, p20-p80)")
+
+
+def _memory(axis: Axes, rows: list[dict[str, Any]], series: list[tuple[str, str, str]]) -> None:
+    """One bar per strategy and series, side by side."""
+    width = 0.8 / len(series)
+    for index, (key, label, color) in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * width
         values = [(row.get(key) or 0) / common.GIB for row in rows]
-        memory_axis.bar([p + offset for p in positions], values, width=0.4, label=label, color=color)
-    memory_axis.set_xticks(list(positions), names)
-    memory_axis.set_ylabel("GiB above parameters and input")
-    memory_axis.legend(fontsize=8)
-    if all(row.get("peak_bytes") is None for row in rows):
-        memory_axis.text(
-            0.5, 0.5, "device memory is not measured on the CPU", ha="center", transform=memory_axis.transAxes
+        axis.bar(
+            [position + offset for position in range(len(rows))], values, width, label=label, color=color
         )
-    for axis in (time_axis, memory_axis):
-        axis.tick_params(axis="x", rotation=30, labelsize=8)
-    figure.suptitle(result["label"], fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=130)
-    plt.close(figure)
+    axis.set_xticks(range(len(rows)), [row["strategy"] for row in rows])
+    axis.set_ylabel("GiB above parameters and input")
+    axis.legend(fontsize=8)
+
+
+def save(figure: Figure, path: Path) -> None:
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..engine import get_engine
-from . import common
+from . import common, noise
 from .copy_bandwidth import raw_copy_ms
 from .decoder import LLAMA_1B, LLAMA_8B, SMOKE, DecoderShape, build_stack
 from .strategies import STRATEGIES, Strategy
@@ -96,6 +96,7 @@ def run(
         "d2h_gbps": common.gbps(input_bytes, raw_copy_ms(input_bytes, device, "d2h")),
         "h2d_gbps": common.gbps(input_bytes, raw_copy_ms(input_bytes, device, "h2d")),
     }
+    raw["noisy"] = noise.diagnose(gbps={"raw D2H": raw["d2h_gbps"], "raw H2D": raw["h2d_gbps"]})
     _relate(rows, raw, overlap=device.type != "cpu")
     del stack, inputs, output_grad
     return {
@@ -166,6 +167,7 @@ def _measure(
         row.update(_copy_metrics(trace, steps, copies))
         row["host_allocations_after_warmup"] = host_allocations
         row["pinned_bytes"] = pool.stats()["reserved_bytes"]
+    row["noisy"] = noise.diagnose(times, {"D2H": row.get("d2h_gbps"), "H2D": row.get("h2d_gbps")})
     return row, last_step(trace) if strategy.engine else None
 
 
@@ -212,7 +214,7 @@ def _span_ms(entry: dict) -> float:
     return entry["end_ms"] - entry["start_ms"]
 
 
-def _relate(rows: list[dict[str, Any]], raw: dict[str, float | None], overlap: bool) -> None:
+def _relate(rows: list[dict[str, Any]], raw: dict[str, Any], overlap: bool) -> None:
     """Adds overhead against plain checkpointing, the overlap fraction and the share of raw bandwidth.
 
     Overlap is left out on the CPU, where copies are synchronous: the compute
@@ -245,6 +247,7 @@ COLUMNS = [
     ("h2d_gbps", "H2D GB/s", "gbps"),
     ("overlap_fraction", "overlap", "frac"),
     ("host_allocations_after_warmup", "host allocs", "str"),
+    ("noisy", "noisy", "str"),
 ]
 
 
@@ -260,26 +263,56 @@ def report(result: dict[str, Any]) -> str:
             row["median_ms"] = None
             row["description"] = "out of memory"
     raw = result["raw_copy"]
+    noisy = f" (noisy: {raw['noisy']})" if raw.get("noisy") else ""
     header = (
         f"### {result['label']} ({result['dtype']}, "
         f"layer input {common.format_value(result['layer_input_bytes'], 'bytes')})\n"
         f"raw pinned copy of one layer input: D2H {common.format_value(raw['d2h_gbps'], 'gbps')} GB/s, "
-        f"H2D {common.format_value(raw['h2d_gbps'], 'gbps')} GB/s\n\n"
+        f"H2D {common.format_value(raw['h2d_gbps'], 'gbps')} GB/s{noisy}\n\n"
     )
     return header + common.table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=common.help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b-like")
-    parser.add_argument("--layers", type=int, help="default: as many as fit, up to the model's depth")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--strategies", nargs="+", choices=sorted(STRATEGIES), default=list(STRATEGIES))
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="llama-1b-like",
+        help="layer dimensions (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=common.positive_int,
+        help="layers in the stack (default: as many as fit, up to the model's depth)",
+    )
+    parser.add_argument(
+        "--batch", type=common.positive_int, default=4, help="sequences (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--length", type=common.positive_int, default=2048, help="tokens per sequence (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=sorted(STRATEGIES),
+        default=list(STRATEGIES),
+        help="strategies to compare (default: all)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=common.non_negative_int,
+        default=10,
+        help="untimed steps per strategy (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=common.positive_int,
+        default=20,
+        help="timed steps per strategy (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     device = get_engine().device
     dtype = torch.bfloat16 if device.type != "cpu" else torch.float32

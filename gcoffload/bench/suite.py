@@ -3,8 +3,8 @@
 On a GPU: copy bandwidth from 1 MiB to 1 GiB; Llama-1B-like and Llama-8B-like
 stacks (as many layers as plain checkpointing fits in free memory, up to the
 model's 16 and 32) at 1x4096, 4x2048 and 1x16384 tokens under every strategy;
-a transformers Llama step. Without a GPU: a small smoke run of
-the same code on the CPU, whose timings say nothing about GPU performance.
+a transformers Llama step. Without a GPU: a small smoke run of the same code
+on the CPU, whose timings say nothing about GPU performance.
 
 Writes ``results.json``, ``summary.md`` and PNGs into the output directory.
 """
@@ -14,24 +14,30 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from ..engine import get_engine
-from . import common, copy_bandwidth, hf_step, plots, stack_overlap
+from . import common, copy_bandwidth, hf_step, noise, plots, stack_overlap
 from .decoder import LLAMA_1B, LLAMA_8B, SMOKE
 from .stack_overlap import StackConfig
 from .strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
 class Suite:
     name: str
+    title: str
     copy_sizes: tuple[int, ...]
     stacks: tuple[StackConfig, ...]
     hf: hf_step.HFConfig
@@ -42,6 +48,7 @@ class Suite:
 
 GPU_SUITE = Suite(
     "gpu",
+    "GPU suite",
     copy_bandwidth.GPU_SIZES,
     tuple(
         StackConfig(shape, shape.depth, batch, length)
@@ -55,6 +62,7 @@ GPU_SUITE = Suite(
 )
 SMOKE_SUITE = Suite(
     "cpu-smoke",
+    "CPU smoke run",
     copy_bandwidth.SMOKE_SIZES,
     (StackConfig(SMOKE, 4, 2, 256),),
     hf_step.SMOKE_CONFIG,
@@ -67,49 +75,131 @@ SMOKE_NOTE = (
     "CPU smoke run: no GPU was found, so a small configuration ran on the CPU, where every copy is a "
     "synchronous memcpy. Its timings check that the suite works; they say nothing about GPU performance."
 )
+SMOKE_TITLE = "CPU smoke run (timings say nothing about GPU performance)"
+HF_MISSING = "needs transformers and peft: pip install 'gcoffload[hf]'"
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m gcoffload bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", type=Path, default=Path("gcoffload-bench"), help="output directory")
-    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+def _shape(config: StackConfig) -> str:
+    return config.shape.name
+
+
+def _tokens(config: StackConfig) -> str:
+    return f"{config.batch}x{config.length}"
+
+
+def _names(suite: Suite, name_of: Callable[[StackConfig], str]) -> list[str]:
+    return list(dict.fromkeys(map(name_of, suite.stacks)))
+
+
+def _per_device(value_of: Callable[[Suite], object]) -> str:
+    """An option's defaults for its help: "<GPU suite's> on a GPU, <smoke run's> on the CPU"."""
+    return f"{value_of(GPU_SUITE)} on a GPU, {value_of(SMOKE_SUITE)} on the CPU"
+
+
+def _batch_shape(text: str) -> str:
+    if re.fullmatch(r"[1-9]\d*x[1-9]\d*", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxLENGTH, e.g. 4x2048")
+    return text
+
+
+def _output_directory(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a directory (created if missing)")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the suite's options to ``parser``."""
+    shapes = _per_device(lambda suite: ", ".join(_names(suite, _shape)))
+    tokens = _per_device(lambda suite: ", ".join(_names(suite, _tokens)))
     parser.add_argument(
-        "--shapes", nargs="+", choices=[LLAMA_1B.name, LLAMA_8B.name], help="GPU stacks to run"
+        "--out",
+        type=_output_directory,
+        default=Path("gcoffload-bench"),
+        metavar="DIR",
+        help="where results.json, summary.md and the PNGs go (default: %(default)s)",
     )
-    parser.add_argument("--tokens", nargs="+", help="GPU batch shapes to run, e.g. 4x2048")
-    parser.add_argument("--warmup", type=int, help="untimed steps per strategy")
-    parser.add_argument("--steps", type=int, help="timed steps per strategy")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=SCENARIOS,
+        help="what to run: copy (pinned copy bandwidth), stack (a Llama-shaped stack under every "
+        "strategy), hf (a transformers Llama step); default: all three, hf where transformers and "
+        "peft are installed",
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=_names(GPU_SUITE, _shape) + _names(SMOKE_SUITE, _shape),
+        metavar="SHAPE",
+        help=f"stacks to run: {shapes} (default: all)",
+    )
+    parser.add_argument(
+        "--tokens",
+        nargs="+",
+        type=_batch_shape,
+        metavar="BATCHxLENGTH",
+        help=f"batch shapes of the stacks to run: {tokens} (default: all)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=common.non_negative_int,
+        metavar="N",
+        help=f"untimed steps per strategy (default: {_per_device(lambda suite: suite.warmup)})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=common.positive_int,
+        metavar="N",
+        help=f"timed steps per strategy (default: {_per_device(lambda suite: suite.steps)})",
+    )
 
 
-def _select(suite: Suite, args: argparse.Namespace) -> list[StackConfig]:
+def _hf_installed() -> bool:
+    return all(importlib.util.find_spec(name) for name in ("transformers", "peft"))
+
+
+def _stacks(
+    suite: Suite, scenarios: Sequence[str], args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> list[StackConfig]:
+    """The stacks of ``suite`` that --shapes and --tokens select; a parser error for any it lacks."""
+    if "stack" not in scenarios:
+        if args.shapes or args.tokens:
+            parser.error("--shapes and --tokens choose stacks, but --scenarios leaves out stack")
+        return []
     stacks = list(suite.stacks)
-    if args.shapes:
-        stacks = [config for config in stacks if config.shape.name in args.shapes]
-    if args.tokens:
-        stacks = [config for config in stacks if f"{config.batch}x{config.length}" in args.tokens]
+    for option, chosen, name_of in (("--shapes", args.shapes, _shape), ("--tokens", args.tokens, _tokens)):
+        available = _names(suite, name_of)
+        lacking = [name for name in chosen or () if name not in available]
+        if lacking:
+            parser.error(
+                f"argument {option}: the {suite.title} has no {', '.join(lacking)}; "
+                f"choose from {', '.join(available)}"
+                + (" (the larger stacks need a GPU)" if suite is SMOKE_SUITE else "")
+            )
+        if chosen:
+            stacks = [config for config in stacks if name_of(config) in chosen]
     return stacks
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _arguments(argv)
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Runs the scenarios ``args`` select (see :func:`add_arguments`); ``parser`` reports what cannot run."""
     device = get_engine().device
     suite = SMOKE_SUITE if device.type == "cpu" else GPU_SUITE
+    scenarios = args.scenarios or SCENARIOS
+    hf_installed = _hf_installed()
+    if args.scenarios and "hf" in args.scenarios and not hf_installed:
+        parser.error(f"argument --scenarios: hf {HF_MISSING}")
+    stacks = _stacks(suite, scenarios, args, parser)
     warmup = suite.warmup if args.warmup is None else args.warmup
     steps = suite.steps if args.steps is None else args.steps
-    stacks = _select(suite, args) if "stack" in args.scenarios else []
-    run_hf = "hf" in args.scenarios and all(
-        importlib.util.find_spec(name) for name in ("transformers", "peft")
-    )
+    run_hf = "hf" in scenarios and hf_installed
     if device.type == "cpu":
         print(SMOKE_NOTE, file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    total = (len(suite.copy_sizes) if "copy" in args.scenarios else 0) + len(stacks) * len(STRATEGIES)
+    total = (len(suite.copy_sizes) if "copy" in scenarios else 0) + len(stacks) * len(STRATEGIES)
     total += 2 * len(hf_step.STRATEGIES) if run_hf else 0
     results: dict[str, Any] = {"environment": common.environment(device), "suite": suite.name}
     if device.type == "cpu":
@@ -120,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.set_postfix_str(label)
             progress.update()
 
-        if "copy" in args.scenarios:
+        if "copy" in scenarios:
             results["copy_bandwidth"] = copy_bandwidth.run(suite.copy_sizes, device, advance)
         results["stacks"], results["stacks_that_did_not_fit"] = [], []
         for config in stacks:
@@ -137,13 +227,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         if run_hf:
             results["hf_step"] = hf_step.run(suite.hf, device, suite.dtype, warmup, steps, advance)
-        elif "hf" in args.scenarios:
-            results["hf_step"] = {"skipped": "needs transformers and peft: pip install 'gcoffload[hf]'"}
+        elif "hf" in scenarios:
+            results["hf_step"] = {"skipped": HF_MISSING}
 
     written = _write(results, args.out)
     print(_summary(results))
     print("\nwrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _noisy_measurements(results: dict[str, Any]) -> list[str]:
+    """Where the run looks noisy and why (see :mod:`.noise`), one line each."""
+    measured = [(f"copy {row['size']}", row) for row in results.get("copy_bandwidth", [])]
+    for stack in results["stacks"]:
+        measured.append((f"{stack['label']} raw copy", stack["raw_copy"]))
+        measured += [(f"{stack['label']} {row['strategy']}", row) for row in stack["strategies"]]
+    hf_rows = results.get("hf_step", {}).get("rows", [])
+    measured += [(f"transformers {row['mode']} {row['strategy']}", row) for row in hf_rows]
+    return [f"{where}: {row['noisy']}" for where, row in measured if row.get("noisy")]
 
 
 def _summary(results: dict[str, Any]) -> str:
@@ -157,6 +258,13 @@ def _summary(results: dict[str, Any]) -> str:
     ]
     if "note" in results:
         parts += ["", f"**{results['note']}**"]
+    noisy = _noisy_measurements(results)
+    if noisy:
+        parts += [
+            "",
+            f"**noisy: these measurements scatter; {noise.ADVICE}.**",
+            *(f"- {line}" for line in noisy),
+        ]
     if "copy_bandwidth" in results:
         parts += ["", copy_bandwidth.report(results["copy_bandwidth"])]
     parts += ["\n" + stack_overlap.report(result) for result in results["stacks"]]
@@ -178,13 +286,21 @@ def _write(results: dict[str, Any], out: Path) -> list[Path]:
     if importlib.util.find_spec("matplotlib") is None:
         print("PNG plots skipped: matplotlib is missing (pip install 'gcoffload[bench]')", file=sys.stderr)
         return written
+    for name, figure in _figures(results).items():
+        plots.save(figure, out / name)
+        written.append(out / name)
+    return written
+
+
+def _figures(results: dict[str, Any]) -> dict[str, Figure]:
+    """The PNGs of a run by file name: per stack, the strategies and gcoffload-d1's timeline."""
+    smoke = f"{SMOKE_TITLE}: " if results["environment"]["smoke_run"] else ""
+    figures = {}
     for index, result in enumerate(results["stacks"]):
         slug = f"{index}-{result['config']['name']}-{result['config']['batch']}x{result['config']['length']}"
-        plots.strategies(result, out / f"strategies-{slug}.png")
-        written.append(out / f"strategies-{slug}.png")
+        figures[f"strategies-{slug}.png"] = plots.strategies(result, smoke + result["label"])
         if result["timeline"]:
-            plots.timeline(
-                result["timeline"], f"gcoffload-d1 step: {result['label']}", out / f"timeline-{slug}.png"
+            figures[f"timeline-{slug}.png"] = plots.timeline(
+                result["timeline"], f"{smoke}gcoffload-d1 step: {result['label']}"
             )
-            written.append(out / f"timeline-{slug}.png")
-    return written
+    return figures
