@@ -70,7 +70,7 @@ def patch_model(
     *,
     offload: bool = True,
     only_trainable: bool = True,
-    use_reentrant: bool = True,
+    use_reentrant: bool = False,
     prefetch_depth: int = 1,
     keep_resident: int = 1,
     every_n_layers: int = 1,
@@ -92,8 +92,11 @@ def patch_model(
             module containing one. A model PEFT wraps later stays patched.
         offload: park checkpointed layer inputs in host memory.
         only_trainable: skip layers gradients do not flow through.
-        use_reentrant: the autograd-Function path; False for DDP without
-            ``static_graph`` or FSDP2.
+        use_reentrant: True for the autograd-Function path; the default, False,
+            is the saved-tensor hooks around torch's non-reentrant checkpoint,
+            which also works under DDP without ``static_graph``, FSDP2 and
+            ``torch.autograd.grad``. A ``use_reentrant`` the Trainer or PEFT
+            passes in ``gradient_checkpointing_kwargs`` wins.
         prefetch_depth, keep_resident, min_offload_bytes: see
             :class:`gcoffload.OffloadOptions`.
         every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
@@ -280,7 +283,9 @@ class TrainingSettings:
         return cls(**{**values, **overrides})
 
 
-def prepare_model_for_training(model: nn.Module, model_args: Any = None, **overrides: Any) -> nn.Module:
+def prepare_model_for_training(
+    model: nn.Module, model_args: Any = None, *, options: OffloadOptions | None = None, **overrides: Any
+) -> nn.Module:
     """A drop-in for LLaMA-Factory's ``prepare_model_for_training``, with gcoffload's checkpointing.
 
     Args:
@@ -289,6 +294,9 @@ def prepare_model_for_training(model: nn.Module, model_args: Any = None, **overr
             ``disable_gradient_checkpointing``, ``use_unsloth_gc`` (here: offload
             to host memory), ``use_reentrant_gc``, ``upcast_lmhead_output``.
             Missing fields take LLaMA-Factory's defaults.
+        options: ``prefetch_depth``, ``keep_resident`` and ``min_offload_bytes``
+            for the patched model (default: :class:`OffloadOptions`'s); whether
+            to offload at all is ``use_unsloth_gc``'s to say.
         **overrides: the same settings as keywords; they win over ``model_args``.
 
     Does, in order: casts 1-D norm weights to float32 (``upcast_layernorm``);
@@ -312,7 +320,15 @@ def prepare_model_for_training(model: nn.Module, model_args: Any = None, **overr
 
     if not settings.disable_gradient_checkpointing:
         if getattr(base, "supports_gradient_checkpointing", False):
-            patch_model(model, offload=settings.use_unsloth_gc, use_reentrant=settings.use_reentrant_gc)
+            options = options or OffloadOptions()
+            patch_model(
+                model,
+                offload=settings.use_unsloth_gc,
+                use_reentrant=settings.use_reentrant_gc,
+                prefetch_depth=options.prefetch_depth,
+                keep_resident=options.keep_resident,
+                min_offload_bytes=options.min_offload_bytes,
+            )
             logger.info("gcoffload: gradient checkpointing enabled (offload=%s)", settings.use_unsloth_gc)
         else:
             warnings.warn(f"{type(base).__name__} does not support gradient checkpointing.", stacklevel=2)

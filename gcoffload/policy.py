@@ -133,7 +133,7 @@ class LayerCheckpointer:
         *,
         only_trainable: bool = True,
         every_n_layers: int = 1,
-        use_reentrant: bool = True,
+        use_reentrant: bool = False,
         layer_indices: Mapping[nn.Module, int] | None = None,
     ) -> None:
         if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:

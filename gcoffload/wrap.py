@@ -63,7 +63,7 @@ def wrap_layers(
     every_n_layers: int = 1,
     prefetch_depth: int = 1,
     keep_resident: int = 1,
-    use_reentrant: bool = True,
+    use_reentrant: bool = False,
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
 ) -> WrappedLayers:
     """Makes each layer checkpoint itself, with its input parked in host memory.
@@ -83,7 +83,7 @@ def wrap_layers(
         every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
         prefetch_depth: inputs copied back ahead of the backward pass.
         keep_resident: most recent inputs that never leave the device.
-        use_reentrant: autograd-Function path (True) or saved-tensor hooks (False).
+        use_reentrant: autograd-Function path (True) or saved-tensor hooks (False, the default).
         min_offload_bytes: inputs smaller than this are not offloaded.
 
     Returns:

@@ -349,7 +349,7 @@ class TestErrorsAndLifetimes:
 
     def test_autograd_grad_on_the_reentrant_path_is_a_clear_error(self):
         _, model = make_pair(layers=2)
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, use_reentrant=True, min_offload_bytes=0):
             loss = model(batch()).sum()
             with pytest.raises(RuntimeError, match="use_reentrant=False"):
                 torch.autograd.grad(loss, list(model.parameters()))

@@ -124,20 +124,27 @@ def test_every_n_layers_from_the_enable_call_applies():
     assert stats["checkpointed_layers"] == 2 and stats["plain_layers"] == 2
 
 
+def reentrant(model: torch.nn.Module) -> set[bool]:
+    """The paths the model's checkpointed layers take (True: reentrant)."""
+    return {
+        module._gradient_checkpointing_func.use_reentrant
+        for module in model.modules()
+        if getattr(module, "gradient_checkpointing", False)
+    }
+
+
 def test_enable_kwargs_choose_the_path():
     model = gcoffload.patch_model(hf_models.model("llama"))
+    assert reentrant(model) == {False}  # patch_model's default
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert reentrant(model) == {True}
+    model.gradient_checkpointing_enable()  # no choice made: patch_model's
+    assert reentrant(model) == {False}
 
-    def reentrant() -> set[bool]:
-        return {
-            module._gradient_checkpointing_func.use_reentrant
-            for module in model.modules()
-            if getattr(module, "gradient_checkpointing", False)
-        }
-
+    model = gcoffload.patch_model(hf_models.model("llama"), use_reentrant=True)
+    assert reentrant(model) == {True}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert reentrant() == {False}
-    model.gradient_checkpointing_enable()
-    assert reentrant() == {True}
+    assert reentrant(model) == {False}
 
 
 class TestEntryPoints:
