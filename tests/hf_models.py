@@ -86,3 +86,20 @@ def assert_same(expected: tuple, actual: tuple) -> None:
 @functools.cache
 def has_activation_checkpointing() -> bool:
     return hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable")
+
+
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer for the tiny models: ``w2`` ... ``w63`` are ids 2 to 63 (built in memory)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{index}": index for index in range(2, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>"
+    )
+
+
+def words(ids: torch.Tensor) -> str:
+    """The text :func:`tokenizer` turns into ``ids`` (ids of 2 and above)."""
+    return " ".join(f"w{token}" for token in ids.tolist())
