@@ -23,6 +23,7 @@ ASYNC_DEVICES = [
 DEVICES = ["cpu", *ASYNC_DEVICES]
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k deselected: simdev is built only if a test needs it
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
