@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Any
 
 import torch
 
@@ -103,3 +104,36 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
 def words(ids: torch.Tensor) -> str:
     """The text :func:`tokenizer` turns into ``ids`` (ids of 2 and above)."""
     return " ".join(f"w{token}" for token in ids.tolist())
+
+
+def trainer_arguments(output_dir: str, checkpointing: bool, steps: int = 3) -> dict[str, Any]:
+    """Keywords for ``TrainingArguments`` (or a subclass, such as TRL's configs): a short CPU run.
+
+    Two rows per step, the loss logged every step, nothing saved, a fixed seed;
+    checkpointing asked for by the name this transformers knows.
+    """
+    flag = "activation_checkpointing" if has_activation_checkpointing() else "gradient_checkpointing"
+    return {
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "seed": 7,
+        flag: checkpointing,
+    }
+
+
+class LossLog(transformers.TrainerCallback):
+    """Collects the loss the Trainer logs at each step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])

@@ -25,36 +25,13 @@ def train_three_steps(
     model: torch.nn.Module, output_dir: str, checkpointing: bool
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Three Trainer steps, checkpointing requested the way users request it; per-step losses, weights."""
-    flag = (
-        "activation_checkpointing" if hf_models.has_activation_checkpointing() else "gradient_checkpointing"
-    )
-    arguments = transformers.TrainingArguments(
-        output_dir=output_dir,
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=7,
-        **{flag: checkpointing},
-    )
+    arguments = transformers.TrainingArguments(**hf_models.trainer_arguments(output_dir, checkpointing))
     ids = batch(size=6, length=12, seed=11)
     dataset = [{"input_ids": row, "labels": row} for row in ids]
-    losses: list[float] = []
-
-    class RecordLoss(transformers.TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
-    trainer = transformers.Trainer(
-        model=model, args=arguments, train_dataset=dataset, callbacks=[RecordLoss()]
-    )
+    log = hf_models.LossLog()
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[log])
     trainer.train()
-    return losses, {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    return log.losses, {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
 
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])

@@ -14,7 +14,6 @@ pytestmark = pytest.mark.hf
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
-transformers = hf_models.transformers
 
 ENGINE = gcoffload.get_engine("cpu")
 LAYERS = 4
@@ -23,30 +22,12 @@ STEPS = 3
 
 def dataset() -> datasets.Dataset:
     ids = hf_models.batch(size=2 * STEPS, length=12, seed=11).clamp(min=2)
-    return datasets.Dataset.from_dict(
-        {"text": [" ".join(f"w{token}" for token in row.tolist()) for row in ids]}
-    )
+    return datasets.Dataset.from_dict({"text": [hf_models.words(row) for row in ids]})
 
 
 def train(model: torch.nn.Module, output_dir: str) -> list[float]:
     """SFTTrainer's per-step losses, with LoRA added by the trainer from a PEFT config."""
-    flag = (
-        "activation_checkpointing" if hf_models.has_activation_checkpointing() else "gradient_checkpointing"
-    )
-    arguments = trl.SFTConfig(
-        output_dir=output_dir,
-        max_steps=STEPS,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=7,
-        max_length=16,
-        **{flag: True},
-    )
+    arguments = trl.SFTConfig(max_length=16, **hf_models.trainer_arguments(output_dir, True, STEPS))
     lora = peft.LoraConfig(
         r=4,
         lora_alpha=8,
@@ -54,23 +35,17 @@ def train(model: torch.nn.Module, output_dir: str) -> list[float]:
         target_modules=hf_models.LORA_TARGETS["llama"],
         task_type="CAUSAL_LM",
     )
-    losses: list[float] = []
-
-    class RecordLoss(transformers.TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
+    log = hf_models.LossLog()
     trainer = trl.SFTTrainer(
         model=model,
         args=arguments,
         train_dataset=dataset(),
         processing_class=hf_models.tokenizer(),
         peft_config=lora,
-        callbacks=[RecordLoss()],
+        callbacks=[log],
     )
     trainer.train()
-    return losses
+    return log.losses
 
 
 def test_sft_trainer_with_lora_goes_through_gcoffload_and_matches_an_unpatched_run(tmp_path):
