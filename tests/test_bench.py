@@ -20,6 +20,19 @@ from gcoffload.bench.stack_overlap import StackConfig
 from gcoffload.bench.strategies import STRATEGIES
 
 ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run's stacks")
+
+
+@pytest.fixture(autouse=True)
+def users_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench picks the device a user's process would: a GPU if there is one, else the CPU.
+
+    Never the test suite's simulated device, which conftest registers as this
+    process's accelerator when a selected test needs it.
+    """
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+
+
 # Step times of which the middle 60% spread 160% of the median: (260 - 100) / 100.
 SCATTERED_MS = [100.0, 100.0, 250.0, 100.0, 300.0]
 
