@@ -78,19 +78,28 @@ def _cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "gcoffload"
 
 
-def extension_info() -> ExtensionInfo:
-    """Locates the build for this torch, Python and source tree (builds nothing)."""
-    source_dir = _source_dir()
+def _source_key(source_dir: Path, cflags: tuple[str, ...]) -> str:
+    """A hash of the C++ sources in ``source_dir`` (names and contents) and the flags they build with."""
     digest = hashlib.sha256()
     for path in sorted(source_dir.iterdir()):
         if path.suffix in {".h", ".cpp"}:
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-    digest.update(" ".join(_CFLAGS).encode())
-    key = digest.hexdigest()[:16]
+    digest.update(" ".join(cflags).encode())
+    return digest.hexdigest()[:16]
+
+
+def _build_dir(prefix: str, key: str) -> Path:
+    """Where a build of sources with ``key`` goes for this torch and Python."""
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    build_dir = _cache_root() / f"torch-{torch.__version__}-{python}-{key}"
-    return ExtensionInfo(source_dir, build_dir, f"gcoffload_ext_{key}")
+    return _cache_root() / f"{prefix}torch-{torch.__version__}-{python}-{key}"
+
+
+def extension_info() -> ExtensionInfo:
+    """Locates the build for this torch, Python and source tree (builds nothing)."""
+    source_dir = _source_dir()
+    key = _source_key(source_dir, _CFLAGS)
+    return ExtensionInfo(source_dir, _build_dir("", key), f"gcoffload_ext_{key}")
 
 
 def load() -> ModuleType:

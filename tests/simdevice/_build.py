@@ -8,8 +8,6 @@ binary. Set ``GCOFFLOAD_VERBOSE_BUILD=1`` to see the compiler's output.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,21 +22,10 @@ __all__ = ["BuildError", "load_extension"]
 
 _SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 _CFLAGS = ("-O1", "-Wall", "-Wextra", "-Wno-unused-parameter")
-_COMPLETE_MARKER = "build.complete"
 
 
 class BuildError(RuntimeError):
     """The backend cannot be built here (no compiler, no ninja, or a compile error)."""
-
-
-def _build_key() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(_SOURCE_DIR.iterdir()):
-        if path.suffix in {".h", ".cpp"}:
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    digest.update(" ".join(_CFLAGS).encode())
-    return digest.hexdigest()[:16]
 
 
 def load_extension() -> ModuleType:
@@ -50,19 +37,9 @@ def load_extension() -> ModuleType:
     Raises:
         BuildError: the build is impossible or failed; the message says why.
     """
-    key = _build_key()
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    build_dir = _ext._cache_root() / f"simdev-torch-{torch.__version__}-{python}-{key}"
-    name = f"simdev_ext_{key}"
-    library = build_dir / f"{name}.so"
-    if (build_dir / _COMPLETE_MARKER).is_file() and library.is_file():
-        spec = importlib.util.spec_from_file_location(name, library)
-        if spec is None or spec.loader is None:
-            raise BuildError(f"simdev: cannot load the backend from {library}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    return _build(build_dir, name)
+    key = _ext._source_key(_SOURCE_DIR, _CFLAGS)
+    info = _ext.ExtensionInfo(_SOURCE_DIR, _ext._build_dir("simdev-", key), f"simdev_ext_{key}")
+    return _ext._import(info) if info.built else _build(info.build_dir, info.name)
 
 
 def _build(build_dir: Path, name: str) -> ModuleType:
@@ -87,5 +64,5 @@ def _build(build_dir: Path, name: str) -> ModuleType:
     except (RuntimeError, subprocess.CalledProcessError, OSError) as error:
         lines = [line for line in str(error).splitlines() if "error:" in line] or [str(error)]
         raise BuildError("simdev: building the backend failed:\n  " + "\n  ".join(lines[-25:])) from error
-    (build_dir / _COMPLETE_MARKER).write_text(torch.__version__ + "\n")
+    (build_dir / _ext._COMPLETE_MARKER).write_text(torch.__version__ + "\n")
     return module
