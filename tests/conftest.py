@@ -57,6 +57,17 @@ def idle_simdev(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
+def users_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default devices are what a user's process would pick: a GPU if there is one, else the CPU.
+
+    Never the simulated device, which this conftest registers as the process's
+    accelerator when a selected test needs it.
+    """
+    if not HAS_CUDA:
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+
+
+@pytest.fixture
 def make_engine() -> Callable[..., CopyEngine]:
     """Builds an engine with a pool of its own, so tests do not share counters."""
 

@@ -21,16 +21,7 @@ from gcoffload.bench.strategies import STRATEGIES
 
 ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run's stacks")
 
-
-@pytest.fixture(autouse=True)
-def users_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bench picks the device a user's process would: a GPU if there is one, else the CPU.
-
-    Never the test suite's simulated device, which conftest registers as this
-    process's accelerator when a selected test needs it.
-    """
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+pytestmark = pytest.mark.usefixtures("users_device")
 
 
 # Step times of which the middle 60% spread 160% of the median: (260 - 100) / 100.

@@ -140,6 +140,7 @@ def test_cli_build_and_info(tmp_path):
     assert report["stats"]["pools"], "info reports the pool counters"
 
 
+@pytest.mark.usefixtures("users_device")
 def test_cli_info_prints_nested_counters_as_indented_lines(capsys):
     assert main(["info"]) == 0
     lines = capsys.readouterr().out.splitlines()
