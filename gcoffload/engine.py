@@ -40,6 +40,8 @@ CHECKPOINT_COUNTERS = (
     "kept_resident",  # inputs the residency window kept on the device
     "kept_below_threshold",  # inputs too small to offload
     "kept_during_capture",  # inputs saved while a graph was being captured
+    "kept_layers",  # layer calls the autopilot's plan ran without a checkpoint
+    "profiled_layers",  # layer calls the autopilot measured in a profile step
 )
 # States rather than counts: a step reports them as they were when it ended.
 GAUGES = ("live_handles",)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import nonreentrant
+from .autopilot import Autopilot
 from .calls import flatten_arguments, resolve_module, unflatten, unwrap_partial
 from .engine import get_engine
 from .function import reentrant_checkpoint
@@ -124,7 +125,10 @@ class LayerCheckpointer:
             the others keep their activations.
         use_reentrant: the autograd-Function path (True) or the saved-tensor
             hooks around ``torch.utils.checkpoint(use_reentrant=False)``.
-        layer_indices: the position of each layer in its stack, for ``every_n_layers``.
+        layer_indices: the position of each layer in its stack, for
+            ``every_n_layers`` and the autopilot.
+        autopilot: picks keep, checkpoint or offload for each indexed layer
+            (then ``options`` only give the prefetch depth and threshold).
     """
 
     def __init__(
@@ -135,9 +139,15 @@ class LayerCheckpointer:
         every_n_layers: int = 1,
         use_reentrant: bool = False,
         layer_indices: Mapping[nn.Module, int] | None = None,
+        autopilot: Autopilot | None = None,
     ) -> None:
         if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
             raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        if autopilot is not None and every_n_layers != 1:
+            raise ValueError(
+                "every_n_layers and memory_budget cannot be combined: the autopilot picks which layers "
+                "keep their activations; leave every_n_layers at 1"
+            )
         for name, flag in (("only_trainable", only_trainable), ("use_reentrant", use_reentrant)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -146,6 +156,7 @@ class LayerCheckpointer:
         self.every_n_layers = every_n_layers
         self.use_reentrant = use_reentrant
         self.layer_indices = dict(layer_indices or {})
+        self.autopilot = autopilot
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.run(resolve_module(function), function, args, kwargs)
@@ -159,18 +170,30 @@ class LayerCheckpointer:
             checkpointed_args = _checkpointed_args(
                 module, function, args, kwargs, self.only_trainable, reentrant=self.use_reentrant
             )
+        options = self.options
         if checkpointed_args is None:
             if torch.is_grad_enabled() and (module is None or module.training):
                 positional, _ = _tensor_arguments(function, args, kwargs)
                 if positional:
                     get_engine(positional[0].device).count("plain_layers")
+                if self.autopilot is not None and index is not None:
+                    self.autopilot.observe_plain(index, positional[0] if positional else None)
             return function(*args, **kwargs)
+        if self.autopilot is not None and index is not None:
+            positional, _ = _tensor_arguments(function, args, kwargs)
+            if positional:
+                hidden = positional[0]
+                options = self.autopilot.options_for(index, module, function, args, kwargs, hidden)
+                if options is None:
+                    get_engine(hidden.device).count("kept_layers")
+                    return function(*args, **kwargs)
         if self.use_reentrant:
-            return reentrant_checkpoint(function, checkpointed_args, kwargs, self.options)
-        return nonreentrant.checkpoint(function, checkpointed_args, kwargs, self.options)
+            return reentrant_checkpoint(function, checkpointed_args, kwargs, options)
+        return nonreentrant.checkpoint(function, checkpointed_args, kwargs, options)
 
     def __repr__(self) -> str:
         return (
             f"LayerCheckpointer({self.options}, only_trainable={self.only_trainable}, "
-            f"every_n_layers={self.every_n_layers}, use_reentrant={self.use_reentrant})"
+            f"every_n_layers={self.every_n_layers}, use_reentrant={self.use_reentrant}, "
+            f"autopilot={self.autopilot})"
         )

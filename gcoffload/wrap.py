@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from .autopilot import Autopilot
+from .planner import Plan
 from .policy import LayerCheckpointer
 from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 
@@ -34,6 +36,17 @@ class WrappedLayers:
         self.layers = layers
         self.checkpointer = checkpointer
         self._previous = previous
+
+    @property
+    def autopilot(self) -> Autopilot | None:
+        """The memory-budget autopilot, if ``memory_budget`` was given."""
+        return self.checkpointer.autopilot
+
+    @property
+    def plan(self) -> Plan | None:
+        """The autopilot's plan for the last forward pass (None without one, or before the first)."""
+        autopilot = self.checkpointer.autopilot
+        return autopilot.plan if autopilot is not None else None
 
     def unwrap(self) -> None:
         """Restores each layer's forward; calling it again does nothing."""
@@ -65,6 +78,7 @@ def wrap_layers(
     keep_resident: int = 1,
     use_reentrant: bool = False,
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+    memory_budget: object = None,
 ) -> WrappedLayers:
     """Makes each layer checkpoint itself, with its input parked in host memory.
 
@@ -85,6 +99,14 @@ def wrap_layers(
         keep_resident: most recent inputs that never leave the device.
         use_reentrant: autograd-Function path (True) or saved-tensor hooks (False, the default).
         min_offload_bytes: inputs smaller than this are not offloaded.
+        memory_budget: turns on the autopilot, which picks per layer whether
+            to keep its activations, checkpoint it, or checkpoint and offload
+            its input, for the fastest step whose activations fit: bytes, a
+            size such as ``"20GiB"``, a fraction of the device's memory such as
+            ``0.5``, or ``"auto"`` (free device memory minus 10%). The first
+            step at each new input size is a profile step (see
+            :mod:`gcoffload.autopilot`); ``WrappedLayers.plan`` is the plan in
+            force. Not with ``every_n_layers``.
 
     Returns:
         A :class:`WrappedLayers`; its ``unwrap()`` restores the layers.
@@ -116,12 +138,14 @@ def wrap_layers(
         raise ValueError("layers contains the same module twice")
 
     options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
+    autopilot = Autopilot(memory_budget, options, len(modules)) if memory_budget is not None else None
     checkpointer = LayerCheckpointer(
         options,
         only_trainable=only_trainable,
         every_n_layers=every_n_layers,
         use_reentrant=use_reentrant,
         layer_indices={module: index for index, module in enumerate(modules)},
+        autopilot=autopilot,
     )
     previous = []
     for module in modules:

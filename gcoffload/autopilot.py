@@ -1,0 +1,245 @@
+"""The memory-budget autopilot: applies a plan per input-shape bucket, and profiles a bucket's first step.
+
+Given ``memory_budget=`` (:func:`gcoffload.wrap_layers`, :func:`gcoffload.patch_model`),
+the checkpointer asks the :class:`Autopilot` how to run each layer call:
+kept (plainly, all activations saved), checkpointed with the input on the
+device, or checkpointed with the input offloaded. The first forward pass at
+a new input size is a *profile step*: every layer is checkpointed and
+offloaded (the least memory) while :class:`~gcoffload.profile.LayerMeter`
+measures it; when its last layer has been measured, the plan is made
+(:func:`gcoffload.planner.plan`), logged once, and used from the next pass on.
+
+Note [Shape buckets]
+~~~~~~~~~~~~~~~~~~~~
+A plan is made for a bucket of token counts (batch x sequence), each bucket
+spanning a factor of 2**(1/4) (about 19%), and for the bucket's largest
+count: the measured profile is scaled up to it, linearly. A profile measured
+at a larger count scales *down* safely (activations and time grow at least
+linearly with tokens), so a new bucket below a measured one is planned at
+once, without a profile step; a new bucket above every measured one gets its
+own profile step. Within a bucket nothing is re-planned, and no step runs
+outside a plan's budget or a profile step's least-memory modes. Attention
+that saves scores (quadratic in the sequence) makes the upward scaling within
+a bucket under-estimate by up to the bucket's 19% on that part.
+
+Note [Which calls are a pass]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The autopilot sees layer calls in training mode with grad enabled, each with
+its index in the stack. A call whose index is not above the previous call's
+begins a new forward pass; the bucket is chosen at the first call of a pass.
+Recomputes in backward do not come through the checkpointer, and evaluation
+(``no_grad`` or ``eval()``) does not either.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .budget import MemoryBudget
+from .engine import get_engine
+from .planner import Mode, Plan, plan
+from .profile import CopyProfile, LayerMeter, LayerProfile, Profile, measure_copies
+from .saved_input import OffloadOptions, can_save
+
+__all__ = ["Autopilot", "bucket_tokens"]
+
+logger = logging.getLogger(__name__)
+
+_BUCKETS_PER_DOUBLING = 4
+
+
+def bucket_tokens(tokens: int) -> int:
+    """The largest token count of ``tokens``' bucket (Note [Shape buckets])."""
+    if tokens <= 1:
+        return 1
+    step = math.ceil(_BUCKETS_PER_DOUBLING * math.log2(tokens) - 1e-9)
+    return max(tokens, math.ceil(2 ** (step / _BUCKETS_PER_DOUBLING) - 1e-9))
+
+
+def _tokens(hidden: torch.Tensor) -> int:
+    return hidden.numel() // hidden.shape[-1] if hidden.dim() >= 2 and hidden.shape[-1] else hidden.numel()
+
+
+class _ProfilePass:
+    """The measurements of one profile step."""
+
+    def __init__(self, bucket: int, tokens: int, budget: int) -> None:
+        self.bucket = bucket
+        self.tokens = tokens
+        self.budget = budget
+        self.layers: dict[int, LayerProfile] = {}
+        self.device: torch.device | None = None
+
+
+class Autopilot:
+    """Chooses keep, checkpoint or offload per layer call, from a plan per shape bucket.
+
+    Args:
+        memory_budget: what :class:`~gcoffload.budget.MemoryBudget.parse` reads.
+        options: the offload options the plan's modes start from; the
+            autopilot keeps no residency window (``keep_resident`` is 0: an
+            input to keep on the device is a ``checkpoint`` layer), and with
+            ``offload=False`` it picks only keep or checkpoint.
+        layer_count: layers in the stack.
+        on_plan: called with each new plan (patch_model sets ``model.gcoffload_plan``).
+    """
+
+    def __init__(
+        self,
+        memory_budget: object,
+        options: OffloadOptions,
+        layer_count: int,
+        on_plan: Callable[[Plan], None] | None = None,
+    ) -> None:
+        self.budget = MemoryBudget.parse(memory_budget)
+        self.prefetch_depth = options.prefetch_depth
+        self.min_offload_bytes = options.min_offload_bytes
+        self.allow_offload = options.offload
+        self.layer_count = layer_count
+        self.plans: dict[int, Plan] = {}  # bucket -> plan
+        self.profiles: dict[int, Profile] = {}  # measured token count -> profile
+        self.plan: Plan | None = None  # the plan of the current pass
+        self._on_plan = on_plan
+        self._copies: dict[tuple[torch.device, int], CopyProfile] = {}
+        self._modes = {
+            Mode.CHECKPOINT: OffloadOptions(False, options.prefetch_depth, 0, options.min_offload_bytes),
+            Mode.OFFLOAD: OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes),
+        }
+        self._profiling: _ProfilePass | None = None
+        self._last_index: int | None = None  # of the previous call, None before a pass
+        self._force_profile = False
+
+    def observe_plain(self, index: int, hidden: torch.Tensor | None) -> None:
+        """A layer call the selective rule runs plainly: noted, so that a pass begins where it should."""
+        self._begin_call(index, hidden)
+        if self._profiling is not None and hidden is not None:
+            self._profiling.layers[index] = LayerProfile(
+                index, False, 0, hidden.nbytes, False, False, False, 0.0
+            )
+            self._finish_profile_if_last(index)
+
+    def options_for(
+        self,
+        index: int,
+        module: torch.nn.Module | None,
+        function: Callable[..., Any],
+        args: tuple,
+        kwargs: dict[str, Any],
+        hidden: torch.Tensor,
+    ) -> OffloadOptions | None:
+        """How to run a call the selective rule checkpoints: options, or None to keep the layer.
+
+        In a profile step the layer is measured first (it runs once more, as
+        if kept, keeping nothing) and then offloaded.
+        """
+        self._begin_call(index, hidden)
+        profiling = self._profiling
+        if profiling is None:
+            mode = (
+                self.plan.mode(index)
+                if self.plan is not None and index < len(self.plan.layers)
+                else Mode.OFFLOAD
+            )
+            if mode is Mode.KEEP:
+                return None
+            return self._modes.get(mode, self._modes[Mode.OFFLOAD])
+        offloadable = (
+            self.allow_offload
+            and can_save(hidden)
+            and hidden.is_floating_point()
+            and hidden.nbytes >= self.min_offload_bytes
+        )
+        profiling.layers[index] = LayerMeter(hidden.device).measure(
+            index, module, function, args, kwargs, hidden, offloadable
+        )
+        if offloadable and profiling.device is None:
+            profiling.device = hidden.device
+        get_engine(hidden.device).count("profiled_layers")
+        self._finish_profile_if_last(index)
+        return self._modes[Mode.OFFLOAD]
+
+    def profile(self, step: Callable[[], Any]) -> Plan:
+        """Runs ``step()`` (one forward and backward pass) as a profile step; returns the new plan.
+
+        Raises:
+            RuntimeError: ``step`` ran no layer in training mode with grad enabled.
+        """
+        self._force_profile = True
+        self._last_index = None
+        self.plan = None
+        step()
+        if self._profiling is not None:
+            self._finish_profile()
+        if self._force_profile or self.plan is None:
+            self._force_profile = False
+            raise RuntimeError(
+                "Autopilot.profile: the step ran no layer of this stack in training mode with grad enabled"
+            )
+        return self.plan
+
+    def _begin_call(self, index: int, hidden: torch.Tensor | None) -> None:
+        previous, self._last_index = self._last_index, index
+        if previous is not None and index > previous:
+            return
+        if self._profiling is not None:
+            self._finish_profile()
+        tokens = _tokens(hidden) if hidden is not None else 1
+        bucket = bucket_tokens(tokens)
+        if self._force_profile:
+            self._force_profile = False
+            self._start_profile(bucket, tokens, hidden)
+            return
+        self.plan = self.plans.get(bucket) or self._plan_from_larger_profile(bucket, hidden)
+        if self.plan is None:
+            self._start_profile(bucket, tokens, hidden)
+
+    def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor | None) -> None:
+        device = hidden.device if hidden is not None else torch.device("cpu")
+        self.plan = None
+        self._profiling = _ProfilePass(bucket, tokens, self.budget.resolve(device))
+
+    def _plan_from_larger_profile(self, bucket: int, hidden: torch.Tensor | None) -> Plan | None:
+        larger = [tokens for tokens in self.profiles if tokens >= bucket]
+        if not larger:
+            return None
+        device = hidden.device if hidden is not None else torch.device("cpu")
+        return self._adopt(bucket, self.profiles[min(larger)], self.budget.resolve(device))
+
+    def _finish_profile_if_last(self, index: int) -> None:
+        if index >= self.layer_count - 1:
+            self._finish_profile()
+
+    def _finish_profile(self) -> None:
+        profiling, self._profiling = self._profiling, None
+        layers = tuple(
+            profiling.layers.get(index, LayerProfile(index, False, 0, 0, False, False, False, 0.0))
+            for index in range(self.layer_count)
+        )
+        profile = Profile(layers, self._copy_profile(profiling.device, layers), profiling.tokens)
+        self.profiles[profiling.tokens] = profile
+        self._adopt(profiling.bucket, profile, profiling.budget)
+
+    def _copy_profile(self, device: torch.device | None, layers: tuple[LayerProfile, ...]) -> CopyProfile:
+        nbytes = max((layer.input_bytes for layer in layers if layer.offloadable), default=0)
+        if device is None:  # nothing to offload: bandwidth does not matter
+            return CopyProfile(1.0, 1.0, 1.0, False, 0)
+        key = (device, nbytes)
+        if key not in self._copies:
+            self._copies[key] = measure_copies(get_engine(device), nbytes)
+        return self._copies[key]
+
+    def _adopt(self, bucket: int, profile: Profile, budget: int) -> Plan:
+        new_plan = plan(profile.scaled(bucket), budget, prefetch_depth=self.prefetch_depth)
+        self.plans[bucket] = self.plan = new_plan
+        logger.info("%s", new_plan.summary())
+        if self._on_plan is not None:
+            self._on_plan(new_plan)
+        return new_plan
+
+    def __repr__(self) -> str:
+        return f"Autopilot(memory_budget={self.budget}, {len(self.plans)} plans)"

@@ -1,0 +1,115 @@
+"""The autopilot's memory budget: bytes, a size like ``"20GiB"``, a fraction of device memory, or ``"auto"``.
+
+The budget is the device memory the checkpointed layers' activations may take
+at the peak: what autograd holds from their forward to their backward pass,
+plus the backward pass's working set. Weights, gradients and optimizer states
+are not part of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AUTO_MARGIN", "MemoryBudget", "device_memory"]
+
+AUTO_MARGIN = 0.1  # of the device's memory, left free under memory_budget="auto"
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A memory budget as the user gave it; :meth:`resolve` turns it into bytes for a device.
+
+    Exactly one of ``nbytes``, ``fraction`` and ``auto`` is set.
+    """
+
+    nbytes: int | None = None
+    fraction: float | None = None
+    auto: bool = False
+
+    @classmethod
+    def parse(cls, value: object) -> MemoryBudget:
+        """Reads ``memory_budget=``: an int of bytes, ``"20GiB"``/``"512MB"``, a float in (0, 1], ``"auto"``.
+
+        Raises:
+            ValueError: anything else, with what is accepted.
+        """
+        if isinstance(value, MemoryBudget):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return cls(nbytes=value)
+        if isinstance(value, float) and 0.0 < value <= 1.0:
+            return cls(fraction=value)
+        if isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return cls(auto=True)
+            match = _SIZE.match(value)
+            if match is not None and match.group(2).lower() in _UNITS:
+                return cls(nbytes=int(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+        raise ValueError(
+            f"memory_budget must be bytes (an int >= 0), a size such as '20GiB' or '512MB', a fraction of "
+            f"the device's memory in (0, 1] such as 0.5, or 'auto' (free memory minus "
+            f"{AUTO_MARGIN:.0%}); got {value!r}"
+        )
+
+    def resolve(self, device: torch.device) -> int:
+        """The budget in bytes on ``device`` (``auto`` and fractions read the device's memory now)."""
+        if self.nbytes is not None:
+            return self.nbytes
+        free, total = device_memory(device)
+        if self.fraction is not None:
+            return int(total * self.fraction)
+        return max(0, free - int(total * AUTO_MARGIN))
+
+    def __str__(self) -> str:
+        if self.nbytes is not None:
+            return f"{self.nbytes / 2**30:.2f} GiB"
+        return f"{self.fraction:.0%} of device memory" if self.fraction is not None else "auto"
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of ``device``; free counts memory the caching allocator holds unused.
+
+    Raises:
+        ValueError: the device cannot tell; give ``memory_budget`` in bytes then.
+    """
+    if device.type == "cpu":
+        return _host_memory()
+    try:
+        free, total = torch.accelerator.get_memory_info(device)
+        cached = torch.accelerator.memory_reserved(device) - torch.accelerator.memory_allocated(device)
+    except (RuntimeError, AttributeError, NotImplementedError) as error:
+        raise ValueError(
+            f"memory_budget: the free memory of {device} cannot be read ({error}); "
+            "give memory_budget in bytes"
+        ) from None
+    return free + max(cached, 0), total
+
+
+def _host_memory() -> tuple[int, int]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = page * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, total
+    except OSError:
+        pass
+    return page * os.sysconf("SC_AVPHYS_PAGES"), total

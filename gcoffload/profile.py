@@ -1,0 +1,259 @@
+"""What the autopilot knows about a model: plain numbers per layer and per device, and how they are measured.
+
+A :class:`Profile` is measured in one training step (the *profile step*) that
+runs every layer checkpointed with its input offloaded, the least device
+memory gcoffload can use, so the measuring itself cannot run out of memory.
+For each layer, :class:`LayerMeter` runs the layer's forward pass once more as
+if it were not checkpointed, under saved-tensor hooks that count what autograd
+would save and keep none of it (Note [Counting what autograd saves]); the
+copy engine's bandwidth is measured at the size of a layer input
+(:func:`measure_copies`). Planning (:mod:`gcoffload.planner`) only reads these
+numbers, so it is tested without running a model.
+
+Note [Counting what autograd saves]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A kept layer holds, from its forward pass to its backward pass, the storages
+of the tensors autograd saves for it. The meter's pack hook records each saved
+tensor's storage (a saved view holds its whole storage; storages saved twice
+count once) and returns a placeholder. The storages stay referenced until the
+run ends, so that a freed one's address cannot come back as another's: the
+run takes the memory of one recompute, and keeps nothing afterwards. Not counted: the layer's
+parameters and buffers, and the storages of its arguments other than the
+hidden states (rotary tables, masks), which the model holds whatever each
+layer's mode is. The hidden states are counted when the layer saves them
+(``saves_input``); when it saves its own output (``saves_output``), a next
+layer that keeps its input on the device holds the same storage, which the
+planner counts once. The counting run restores the CPU and device RNG
+afterwards, so the profile step draws the same dropout masks as any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .engine import CopyEngine
+
+__all__ = ["CopyProfile", "LayerMeter", "LayerProfile", "Profile", "measure_copies"]
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One layer of the stack, measured at the profile's token count.
+
+    Args:
+        index: the layer's position in its stack.
+        planned: False for a layer the selective rule runs plainly (nothing in
+            it requires grad): its mode is "plain", not the planner's to pick.
+        saved_bytes: device bytes autograd holds for the layer when it is not
+            checkpointed (Note [Counting what autograd saves]).
+        input_bytes: bytes of its hidden-states input.
+        offloadable: whether that input can be parked in host memory (a dense
+            floating-point tensor of at least ``min_offload_bytes``).
+        saves_input: whether the un-checkpointed layer saves its input.
+        saves_output: whether the un-checkpointed layer saves its output.
+        forward_seconds: the layer's forward time.
+    """
+
+    index: int
+    planned: bool
+    saved_bytes: int
+    input_bytes: int
+    offloadable: bool
+    saves_input: bool
+    saves_output: bool
+    forward_seconds: float
+
+
+@dataclass(frozen=True)
+class CopyProfile:
+    """A device's copy engine, measured at one transfer size.
+
+    Args:
+        d2h_bytes_per_second, h2d_bytes_per_second: one direction alone.
+        bidirectional_bytes_per_second: both directions at once, in total
+            (less than the sum of the two: PCIe and host memory are shared).
+        overlaps_compute: whether copies run beside compute (an accelerator's
+            side streams) or hold the compute thread (the CPU).
+        nbytes: the transfer size measured.
+    """
+
+    d2h_bytes_per_second: float
+    h2d_bytes_per_second: float
+    bidirectional_bytes_per_second: float
+    overlaps_compute: bool
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything the planner needs: the layers in forward order, the copies, the token count.
+
+    Args:
+        layers: one entry per layer of the stack, in forward order.
+        copies: the device's copy bandwidth.
+        tokens: tokens per step the layers were measured at (batch x sequence).
+        backward_per_forward: a layer's backward time over its forward time.
+    """
+
+    layers: tuple[LayerProfile, ...]
+    copies: CopyProfile
+    tokens: int
+    backward_per_forward: float = 2.0
+
+    def scaled(self, tokens: int) -> Profile:
+        """The profile predicted at ``tokens`` tokens per step, everything linear in tokens.
+
+        Activation bytes and forward times grow at least linearly with tokens
+        (attention scores and attention time faster), so scaling a profile
+        *down* over-estimates both, which keeps a plan within its budget.
+        """
+        factor = tokens / self.tokens
+        layers = tuple(
+            replace(
+                layer,
+                saved_bytes=int(layer.saved_bytes * factor + 0.5),
+                input_bytes=int(layer.input_bytes * factor + 0.5),
+                forward_seconds=layer.forward_seconds * factor,
+            )
+            for layer in self.layers
+        )
+        return replace(self, layers=layers, tokens=tokens)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.get_device_module(device.type).synchronize(device)
+
+
+class LayerMeter:
+    """Measures one layer call of the profile step: what it would save un-checkpointed, and its time.
+
+    Args:
+        device: the device the layer runs on.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def measure(
+        self,
+        index: int,
+        module: torch.nn.Module | None,
+        function: Callable[..., Any],
+        args: tuple,
+        kwargs: dict[str, Any],
+        hidden: torch.Tensor,
+        offloadable: bool,
+    ) -> LayerProfile:
+        """Runs ``function(*args, **kwargs)`` as a kept layer and counts; nothing it makes is kept.
+
+        See Note [Counting what autograd saves].
+        """
+        excluded = _storages(module.parameters() if module is not None else ())
+        excluded |= _storages(module.buffers() if module is not None else ())
+        excluded |= _storages(_tensors((args, kwargs))) - {_storage_key(hidden)}
+        saved: dict[int, torch.UntypedStorage] = {}
+
+        def pack(tensor: torch.Tensor) -> None:
+            key = _storage_key(tensor)
+            if key not in excluded and tensor.device == self.device:
+                saved[key] = tensor.untyped_storage()
+
+        with _rng_restored(self.device):
+            _synchronize(self.device)
+            start = time.perf_counter()
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
+                output = function(*args, **kwargs)
+            _synchronize(self.device)
+            seconds = time.perf_counter() - start
+        outputs = _storages(_tensors(output))
+        del output
+        return LayerProfile(
+            index=index,
+            planned=True,
+            saved_bytes=sum(storage.nbytes() for storage in saved.values()),
+            input_bytes=hidden.nbytes,
+            offloadable=offloadable,
+            saves_input=_storage_key(hidden) in saved,
+            saves_output=bool(outputs & saved.keys()),
+            forward_seconds=seconds,
+        )
+
+
+def _never_unpacked(packed: None) -> torch.Tensor:
+    raise RuntimeError("gcoffload: a profile run's graph was used for backward; this is a gcoffload bug")
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _storages(tensors: Any) -> set[int]:
+    return {_storage_key(tensor) for tensor in tensors if tensor.layout == torch.strided}
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+@contextlib.contextmanager
+def _rng_restored(device: torch.device) -> Iterator[None]:
+    """Puts the CPU and ``device``'s RNG back as they were, so the counting run draws nothing."""
+    devices = [device.index] if device.type != "cpu" else []
+    device_type = device.type if device.type != "cpu" else "cuda"
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
+        yield
+
+
+def measure_copies(engine: CopyEngine, nbytes: int, repeats: int = 3) -> CopyProfile:
+    """Times the engine's copies of ``nbytes`` (best of ``repeats``): out, back, and both at once.
+
+    Goes through the engine itself (its pool, streams and events), so the
+    figures are what a checkpointed layer's copies get.
+    """
+    nbytes = max(nbytes, 1 << 16)
+    device = engine.device
+    outgoing = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    returning = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    d2h = h2d = both = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        handle = engine.offload(outgoing)
+        engine.synchronize()
+        d2h = min(d2h, time.perf_counter() - start)
+
+        start = time.perf_counter()
+        engine.fetch(handle)
+        _synchronize(device)
+        h2d = min(h2d, time.perf_counter() - start)
+
+        incoming = engine.offload(returning)
+        engine.synchronize()
+        start = time.perf_counter()
+        handle = engine.offload(outgoing)
+        engine.prefetch(incoming)
+        engine.synchronize()
+        both = min(both, time.perf_counter() - start)
+        handle.release()
+        incoming.release()
+    return CopyProfile(
+        d2h_bytes_per_second=nbytes / max(d2h, 1e-9),
+        h2d_bytes_per_second=nbytes / max(h2d, 1e-9),
+        bidirectional_bytes_per_second=2 * nbytes / max(both, 1e-9),
+        overlaps_compute=device.type != "cpu",
+        nbytes=nbytes,
+    )
