@@ -5,9 +5,13 @@ the checkpointer asks the :class:`Autopilot` how to run each layer call:
 kept (plainly, all activations saved), checkpointed with the input on the
 device, or checkpointed with the input offloaded. The first forward pass at
 a new input size is a *profile step*: every layer is checkpointed and
-offloaded (the least memory) while :class:`~gcoffload.profile.LayerMeter`
-measures it; when its last layer has been measured, the plan is made
-(:func:`gcoffload.planner.plan`), logged once, and used from the next pass on.
+offloaded (the least memory; the last layer is kept, which costs no more) while
+:class:`~gcoffload.profile.LayerMeter` measures it. When its last layer has been measured, a plan is made
+(:func:`gcoffload.planner.plan`); when the next pass begins, the profile step's
+backward pass has been timed too (:class:`~gcoffload.profile.BackwardClock`),
+and the plan is made again with the measured backward time, logged once, and
+used from that pass on. A budget too small for any plan raises at the end of
+the profile step's forward pass.
 
 Note [Shape buckets]
 ~~~~~~~~~~~~~~~~~~~~
@@ -43,7 +47,7 @@ import torch
 from .budget import MemoryBudget
 from .engine import get_engine
 from .planner import Mode, Plan, plan
-from .profile import CopyProfile, LayerMeter, LayerProfile, Profile, measure_copies
+from .profile import BackwardClock, CopyProfile, LayerMeter, LayerProfile, Profile, measure_copies
 from .saved_input import OffloadOptions, can_save
 
 __all__ = ["Autopilot", "bucket_tokens"]
@@ -73,7 +77,9 @@ class _ProfilePass:
         self.tokens = tokens
         self.budget = budget
         self.layers: dict[int, LayerProfile] = {}
-        self.device: torch.device | None = None
+        self.device: torch.device | None = None  # of the first offloadable input
+        self.clock: BackwardClock | None = None
+        self.profile: Profile | None = None  # once the forward pass is measured
 
 
 class Autopilot:
@@ -86,7 +92,8 @@ class Autopilot:
             input to keep on the device is a ``checkpoint`` layer), and with
             ``offload=False`` it picks only keep or checkpoint.
         layer_count: layers in the stack.
-        on_plan: called with each new plan (patch_model sets ``model.gcoffload_plan``).
+        on_plan: called with the plan each time another one comes into force
+            (patch_model sets ``model.gcoffload_plan``).
     """
 
     def __init__(
@@ -111,6 +118,7 @@ class Autopilot:
             Mode.OFFLOAD: OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes),
         }
         self._profiling: _ProfilePass | None = None
+        self._timing_backward: _ProfilePass | None = None  # measured forward, backward still to time
         self._last_index: int | None = None  # of the previous call, None before a pass
         self._force_profile = False
 
@@ -157,11 +165,21 @@ class Autopilot:
         profiling.layers[index] = LayerMeter(hidden.device).measure(
             index, module, function, args, kwargs, hidden, offloadable
         )
+        if profiling.clock is None:
+            profiling.clock = BackwardClock(hidden.device)
         if offloadable and profiling.device is None:
             profiling.device = hidden.device
         get_engine(hidden.device).count("profiled_layers")
         self._finish_profile_if_last(index)
-        return self._modes[Mode.OFFLOAD]
+        # The last layer is kept: see BackwardClock.
+        return None if index == self.layer_count - 1 else self._modes[Mode.OFFLOAD]
+
+    def observe_output(self, index: int, output: Any) -> None:
+        """The output of a layer call :meth:`options_for` answered; timed in backward if profiled."""
+        for measured in (self._profiling, self._timing_backward):
+            if measured is not None and measured.clock is not None and index in measured.layers:
+                measured.clock.watch(index, output)
+                return
 
     def profile(self, step: Callable[[], Any]) -> Plan:
         """Runs ``step()`` (one forward and backward pass) as a profile step; returns the new plan.
@@ -175,6 +193,8 @@ class Autopilot:
         step()
         if self._profiling is not None:
             self._finish_profile()
+        if self._timing_backward is not None:
+            self._finish_backward()
         if self._force_profile or self.plan is None:
             self._force_profile = False
             raise RuntimeError(
@@ -182,21 +202,38 @@ class Autopilot:
             )
         return self.plan
 
+    def use(self, chosen: Plan) -> None:
+        """Uses ``chosen`` (from :func:`gcoffload.plan` or :func:`gcoffload.predict`) for its shape bucket.
+
+        Raises:
+            ValueError: it has another number of layers than the stack.
+        """
+        if len(chosen.layers) != self.layer_count:
+            raise ValueError(f"use: the plan has {len(chosen.layers)} layers, the stack {self.layer_count}")
+        if self._timing_backward is not None:
+            self._finish_backward()
+        self.plans[bucket_tokens(chosen.tokens)] = chosen
+        self._last_index = None
+
     def _begin_call(self, index: int, hidden: torch.Tensor | None) -> None:
         previous, self._last_index = self._last_index, index
         if previous is not None and index > previous:
             return
         if self._profiling is not None:
             self._finish_profile()
+        if self._timing_backward is not None:
+            self._finish_backward()
         tokens = _tokens(hidden) if hidden is not None else 1
         bucket = bucket_tokens(tokens)
         if self._force_profile:
             self._force_profile = False
             self._start_profile(bucket, tokens, hidden)
             return
-        self.plan = self.plans.get(bucket) or self._plan_from_larger_profile(bucket, hidden)
-        if self.plan is None:
+        chosen = self.plans.get(bucket) or self._plan_from_larger_profile(bucket, hidden)
+        if chosen is None:
             self._start_profile(bucket, tokens, hidden)
+        elif chosen is not self.plan:
+            self._set_plan(chosen)
 
     def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor | None) -> None:
         device = hidden.device if hidden is not None else torch.device("cpu")
@@ -215,14 +252,29 @@ class Autopilot:
             self._finish_profile()
 
     def _finish_profile(self) -> None:
+        """The forward pass is measured: a first plan, with the usual backward time (raises if none fits)."""
         profiling, self._profiling = self._profiling, None
         layers = tuple(
             profiling.layers.get(index, LayerProfile(index, False, 0, 0, False, False, False, 0.0))
             for index in range(self.layer_count)
         )
-        profile = Profile(layers, self._copy_profile(profiling.device, layers), profiling.tokens)
-        self.profiles[profiling.tokens] = profile
-        self._adopt(profiling.bucket, profile, profiling.budget)
+        profiling.profile = Profile(layers, self._copy_profile(profiling.device, layers), profiling.tokens)
+        first = plan(
+            profiling.profile.scaled(profiling.bucket), profiling.budget, prefetch_depth=self.prefetch_depth
+        )
+        self.profiles[profiling.tokens] = profiling.profile
+        self.plans[profiling.bucket] = first
+        self._set_plan(first)
+        self._timing_backward = profiling
+
+    def _finish_backward(self) -> None:
+        """The profile step's backward pass is timed: the plan again, with the measured backward time."""
+        measured, self._timing_backward = self._timing_backward, None
+        profile = measured.profile
+        if measured.clock is not None:
+            profile = measured.clock.calibrate(profile, kept=self.layer_count - 1)
+        self.profiles[profile.tokens] = profile
+        self._adopt(measured.bucket, profile, measured.budget)
 
     def _copy_profile(self, device: torch.device | None, layers: tuple[LayerProfile, ...]) -> CopyProfile:
         nbytes = max((layer.input_bytes for layer in layers if layer.offloadable), default=0)
@@ -235,11 +287,15 @@ class Autopilot:
 
     def _adopt(self, bucket: int, profile: Profile, budget: int) -> Plan:
         new_plan = plan(profile.scaled(bucket), budget, prefetch_depth=self.prefetch_depth)
-        self.plans[bucket] = self.plan = new_plan
+        self.plans[bucket] = new_plan
         logger.info("%s", new_plan.summary())
-        if self._on_plan is not None:
-            self._on_plan(new_plan)
+        self._set_plan(new_plan)
         return new_plan
+
+    def _set_plan(self, chosen: Plan) -> None:
+        self.plan = chosen
+        if self._on_plan is not None:
+            self._on_plan(chosen)
 
     def __repr__(self) -> str:
         return f"Autopilot(memory_budget={self.budget}, {len(self.plans)} plans)"

@@ -147,13 +147,20 @@ def reentrant_checkpoint(
     options: OffloadOptions,
     *,
     preserve_rng_state: bool = True,
+    anchored: bool = False,
 ) -> Any:
-    """The reentrant path of :func:`checkpoint`, with validated options."""
+    """The reentrant path of :func:`checkpoint`, with validated options.
+
+    ``anchored`` checkpoints even when no argument requires grad (a trainable
+    layer behind frozen ones); see Note [Graph anchor].
+    """
     layer = function
     function, args, kwargs = unwrap_partial(function, args, kwargs)
     leaves: list[torch.Tensor] = []
     structure = flatten_arguments((args, kwargs), leaves)
-    if not any(leaf.requires_grad for leaf in leaves):
+    if anchored:
+        leaves.append(torch.empty(0, requires_grad=True))
+    elif not any(leaf.requires_grad for leaf in leaves):
         warnings.warn(
             "gcoffload.checkpoint: no tensor argument requires grad, so the function runs without "
             "checkpointing (parameters it uses still get gradients). Make the input require grad "
@@ -169,6 +176,19 @@ def reentrant_checkpoint(
             return _OffloadedCheckpoint.apply(call, packer, *leaves)
     finally:
         packer.clear()
+
+
+# Note [Graph anchor]
+# ~~~~~~~~~~~~~~~~~~~
+# An autograd Function is part of the graph, and its backward (which makes the
+# parameter gradients) runs, only if one of its inputs requires grad. A
+# trainable layer whose input does not (LoRA behind frozen embeddings, the
+# first trainable layer of a freeze-tuned model) could be given an alias of its
+# input that requires grad, but that alias would be a leaf, and its
+# AccumulateGrad node holds it, and so the input's device memory, until the
+# graph is freed: an offloaded input would stay on the device all the same.
+# An empty tensor that requires grad, appended after the call's own leaves
+# (the function never sees it), anchors the Function in the graph instead.
 
 
 @dataclass(frozen=True)

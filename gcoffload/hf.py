@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autopilot import Autopilot
 from .function import checkpoint_with
+from .planner import Plan
 from .policy import LayerCheckpointer, selective_checkpoint_function
 from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 
@@ -42,6 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PATCH_ATTRIBUTE = "_gcoffload_patch"
+_PLAN_ATTRIBUTE = "gcoffload_plan"
 _NOT_SET = object()
 # transformers names the forward hook that makes embedding outputs require grad like this in every version.
 _INPUT_GRADS_HOOK_NAME = "make_inputs_require_grads"
@@ -63,6 +66,7 @@ class _Patch:
     checkpointing_before: dict[nn.Module, tuple[Any, Any]]  # module -> instance (flag, function) or _NOT_SET
     use_cache_before: Any
     input_grads_requested: bool = False
+    autopilot: Autopilot | None = None
 
 
 def patch_model(
@@ -75,6 +79,7 @@ def patch_model(
     keep_resident: int = 1,
     every_n_layers: int = 1,
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+    memory_budget: object = None,
 ) -> nn.Module:
     """Makes ``model`` checkpoint its layers through gcoffload, now and whenever asked again.
 
@@ -100,6 +105,12 @@ def patch_model(
         prefetch_depth, keep_resident, min_offload_bytes: see
             :class:`gcoffload.OffloadOptions`.
         every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
+        memory_budget: turns on the autopilot (see :func:`gcoffload.wrap_layers`):
+            per decoder layer, keep, checkpoint or offload, for the fastest
+            step whose activations fit the budget (bytes, ``"20GiB"``, a
+            fraction of device memory, or ``"auto"``). The plan in force is
+            ``model.gcoffload_plan``; each new plan is logged once (logger
+            ``gcoffload.autopilot``, level INFO). Not with ``every_n_layers``.
 
     Returns:
         ``model`` itself.
@@ -118,9 +129,19 @@ def patch_model(
             "(`_set_gradient_checkpointing(module, value)`), which cannot take a checkpoint function"
         )
     options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
+    layers = _decoder_layers(base)
+    autopilot = (
+        Autopilot(memory_budget, options, len(layers), on_plan=functools.partial(_show_plan, base))
+        if memory_budget is not None
+        else None
+    )
     # Validates the remaining options before anything on the model changes.
     LayerCheckpointer(
-        options, only_trainable=only_trainable, every_n_layers=every_n_layers, use_reentrant=use_reentrant
+        options,
+        only_trainable=only_trainable,
+        every_n_layers=every_n_layers,
+        use_reentrant=use_reentrant,
+        autopilot=autopilot,
     )
     if hasattr(base, _PATCH_ATTRIBUTE):
         unpatch_model(base)
@@ -130,7 +151,7 @@ def patch_model(
         only_trainable=only_trainable,
         use_reentrant=use_reentrant,
         every_n_layers=every_n_layers,
-        layer_indices={layer: index for index, layer in enumerate(_decoder_layers(base))},
+        layer_indices={layer: index for index, layer in enumerate(layers)},
         replaced={},
         checkpointing_before={
             module: tuple(module.__dict__.get(name, _NOT_SET) for name in _CHECKPOINTING_ATTRIBUTES)
@@ -139,10 +160,12 @@ def patch_model(
         },
         use_cache_before=getattr(getattr(base, "config", None), "use_cache", _NOT_SET),
         input_grads_requested=_input_grads_hook_active(base),
+        autopilot=autopilot,
     )
     if patch.input_grads_requested:
         base.disable_input_require_grads()
     setattr(base, _PATCH_ATTRIBUTE, patch)
+    base.__dict__[_PLAN_ATTRIBUTE] = None
     for name, replacement in (
         ("gradient_checkpointing_enable", _gradient_checkpointing_enable),
         ("activation_checkpointing_enable", _activation_checkpointing_enable),
@@ -179,6 +202,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if patch.use_cache_before is not _NOT_SET:
         base.config.use_cache = patch.use_cache_before
     delattr(base, _PATCH_ATTRIBUTE)
+    base.__dict__.pop(_PLAN_ATTRIBUTE, None)
     if patch.input_grads_requested:
         base.enable_input_require_grads()
     return model
@@ -235,10 +259,15 @@ def _enable(base: nn.Module, patch: _Patch, request: dict[str, Any]) -> None:
         every_n_layers=every_n_layers if every_n_layers != 1 else patch.every_n_layers,
         use_reentrant=bool(use_reentrant),
         layer_indices=patch.layer_indices,
+        autopilot=patch.autopilot,
     )
     base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpointer)
     if getattr(base, "config", None) is not None:
         base.config.use_cache = False
+
+
+def _show_plan(base: nn.Module, plan: Plan) -> None:
+    base.__dict__[_PLAN_ATTRIBUTE] = plan
 
 
 def offloaded_checkpoint_function(

@@ -11,9 +11,11 @@ and a layer the selective rule runs plainly stays ``plain``.
 
 Note [The time model]
 ~~~~~~~~~~~~~~~~~~~~~
-With ``F`` a layer's forward time and ``B = backward_per_forward * F`` its
-backward time, a layer costs ``F + B`` kept, ``2F + B`` checkpointed, and
-``2F + B`` plus the copy time that cannot hide when offloaded. An offload is
+With ``F`` a layer's forward time, ``B = backward_per_forward * F`` its
+backward time and ``R = recompute_per_forward * F`` its recompute time (both
+ratios measured in the profile step), a layer costs ``F + B`` kept,
+``F + R + B`` checkpointed, and ``F + R + B`` plus the copy time that cannot
+hide when offloaded. An offload is
 issued as the layer starts (the autopilot keeps no residency window: keeping an
 input resident is the ``checkpoint`` mode), so its D2H copy hides behind the
 layer's own forward. Its H2D copy is issued by the backward pass of the
@@ -166,6 +168,7 @@ class _Model:
         self.layers = profile.layers
         self.copies = profile.copies
         self.backward_per_forward = profile.backward_per_forward
+        self.recompute_per_forward = profile.recompute_per_forward
         self.depth = prefetch_depth
         planned = [layer for layer in self.layers if layer.planned]
         largest_input = max((layer.input_bytes for layer in self.layers), default=0)
@@ -198,13 +201,14 @@ class _Model:
         layer = self.layers[index]
         if mode is Mode.PLAIN:
             return 0.0
-        return layer.forward_seconds * (self.backward_per_forward + (1.0 if mode.recomputes else 0.0))
+        recompute = self.recompute_per_forward if mode.recomputes else 0.0
+        return layer.forward_seconds * (self.backward_per_forward + recompute)
 
     def exposed_copy(self, index: int, next_mode: Mode | None, checkpointed_after: int) -> float:
         """Copy time an offloaded layer waits for; ``checkpointed_after`` is capped at depth + 1."""
         layer = self.layers[index]
         copies = self.copies
-        turn = 1 <= checkpointed_after <= self.depth
+        turn = copies.overlaps_compute and 1 <= checkpointed_after <= self.depth
         h2d_rate = (
             min(copies.h2d_bytes_per_second, copies.bidirectional_bytes_per_second / 2)
             if turn

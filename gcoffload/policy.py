@@ -9,10 +9,13 @@ trainable one are checkpointed, because their activations would otherwise be
 kept for the gradient that flows through them.
 
 The reentrant checkpoint only produces parameter gradients when one of its
-inputs requires grad, so a trainable layer whose input does not (LoRA with
-frozen embeddings, the first trainable layer of a freeze-tuned model) is called
-with an alias of that input that requires grad (``input.detach().requires_grad_()``:
-the same memory, a leaf of its own). The caller's tensor is left as it was.
+inputs requires grad. For a trainable layer whose input does not (LoRA with
+frozen embeddings, the first trainable layer of a freeze-tuned model),
+gcoffload's own reentrant path anchors its Function in the graph with an empty
+tensor (Note [Graph anchor] in function.py); another checkpoint function
+wrapped by :func:`selective_checkpoint_function` is called with an alias of
+that input that requires grad (``input.detach().requires_grad_()``: the same
+memory, a leaf of its own). The caller's tensor is left as it was.
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ class LayerCheckpointer:
         checkpointed_args = None
         if selected:
             checkpointed_args = _checkpointed_args(
-                module, function, args, kwargs, self.only_trainable, reentrant=self.use_reentrant
+                module, function, args, kwargs, self.only_trainable, reentrant=False
             )
         options = self.options
         if checkpointed_args is None:
@@ -186,10 +189,16 @@ class LayerCheckpointer:
                 options = self.autopilot.options_for(index, module, function, args, kwargs, hidden)
                 if options is None:
                     get_engine(hidden.device).count("kept_layers")
-                    return function(*args, **kwargs)
+                    output = function(*args, **kwargs)
+                    self.autopilot.observe_output(index, output)
+                    return output
         if self.use_reentrant:
-            return reentrant_checkpoint(function, checkpointed_args, kwargs, options)
-        return nonreentrant.checkpoint(function, checkpointed_args, kwargs, options)
+            output = reentrant_checkpoint(function, checkpointed_args, kwargs, options, anchored=True)
+        else:
+            output = nonreentrant.checkpoint(function, checkpointed_args, kwargs, options)
+        if self.autopilot is not None and index is not None:
+            self.autopilot.observe_output(index, output)
+        return output
 
     def __repr__(self) -> str:
         return (

@@ -30,6 +30,8 @@ afterwards, so the profile step draws the same dropout masks as any other.
 from __future__ import annotations
 
 import contextlib
+import functools
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -39,7 +41,7 @@ import torch
 
 from .engine import CopyEngine
 
-__all__ = ["CopyProfile", "LayerMeter", "LayerProfile", "Profile", "measure_copies"]
+__all__ = ["BackwardClock", "CopyProfile", "LayerMeter", "LayerProfile", "Profile", "measure_copies"]
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,17 @@ class Profile:
         layers: one entry per layer of the stack, in forward order.
         copies: the device's copy bandwidth.
         tokens: tokens per step the layers were measured at (batch x sequence).
-        backward_per_forward: a layer's backward time over its forward time.
+        backward_per_forward: a layer's backward time over its forward time
+            (measured by :class:`BackwardClock`; 2 for matmuls).
+        recompute_per_forward: a checkpointed layer's recompute time over its
+            forward time (measured by :class:`BackwardClock`; at most 1).
     """
 
     layers: tuple[LayerProfile, ...]
     copies: CopyProfile
     tokens: int
     backward_per_forward: float = 2.0
+    recompute_per_forward: float = 1.0
 
     def scaled(self, tokens: int) -> Profile:
         """The profile predicted at ``tokens`` tokens per step, everything linear in tokens.
@@ -165,25 +171,45 @@ class LayerMeter:
             if key not in excluded and tensor.device == self.device:
                 saved[key] = tensor.untyped_storage()
 
+        seconds, output = self._timed(function, args, kwargs, pack)
+        outputs = _storages(_tensors(output))
+        del output
+        saved_bytes = sum(storage.nbytes() for storage in saved.values())
+        saves_input = _storage_key(hidden) in saved
+        saves_output = bool(outputs & saved.keys())
+        saved.clear()
+        # Once more, for the time only (the first run may have paid for allocations and caches).
+        seconds = min(seconds, self._timed(function, args, kwargs, _discard)[0])
+        return LayerProfile(
+            index=index,
+            planned=True,
+            saved_bytes=saved_bytes,
+            input_bytes=hidden.nbytes,
+            offloadable=offloadable,
+            saves_input=saves_input,
+            saves_output=saves_output,
+            forward_seconds=seconds,
+        )
+
+    def _timed(
+        self,
+        function: Callable[..., Any],
+        args: tuple,
+        kwargs: dict[str, Any],
+        pack: Callable[[torch.Tensor], None],
+    ) -> tuple[float, Any]:
+        """Runs the layer with grad under ``pack``, with the RNG restored afterwards; (seconds, output)."""
         with _rng_restored(self.device):
             _synchronize(self.device)
             start = time.perf_counter()
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
                 output = function(*args, **kwargs)
             _synchronize(self.device)
-            seconds = time.perf_counter() - start
-        outputs = _storages(_tensors(output))
-        del output
-        return LayerProfile(
-            index=index,
-            planned=True,
-            saved_bytes=sum(storage.nbytes() for storage in saved.values()),
-            input_bytes=hidden.nbytes,
-            offloadable=offloadable,
-            saves_input=_storage_key(hidden) in saved,
-            saves_output=bool(outputs & saved.keys()),
-            forward_seconds=seconds,
-        )
+            return time.perf_counter() - start, output
+
+
+def _discard(tensor: torch.Tensor) -> None:
+    return None
 
 
 def _never_unpacked(packed: None) -> torch.Tensor:
@@ -216,6 +242,75 @@ def _rng_restored(device: torch.device) -> Iterator[None]:
     device_type = device.type if device.type != "cpu" else "cuda"
     with torch.random.fork_rng(devices=devices, device_type=device_type):
         yield
+
+
+class BackwardClock:
+    """Times the profile step's backward pass per layer, from when gradients reach layer outputs.
+
+    A hook on layer ``i``'s output fires when backward reaches layer ``i``;
+    the hook on layer ``i - 1``'s output, when layer ``i``'s backward
+    (recompute, fetch and backward) is done. The marks are device events on
+    an accelerator (recorded on the stream the backward pass runs on, so they
+    time the device's work) and wall time on the CPU. The profile step keeps
+    its last layer (its activations are needed first, so keeping them costs no
+    more memory than recomputing them): that layer times a backward pass
+    alone, the others a recompute and a backward pass. A recompute may cost
+    less than a forward pass: torch's non-reentrant checkpoint stops as soon
+    as it has what backward needs.
+
+    Args:
+        device: the device the layers run on.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: dict[int, Any] = {}
+
+    def watch(self, index: int, output: Any) -> None:
+        """Marks the moment backward reaches ``output``, layer ``index``'s output."""
+        tensor = next((tensor for tensor in _tensors(output) if tensor.requires_grad), None)
+        if tensor is not None:
+            tensor.register_hook(functools.partial(self._mark, index))
+
+    def _mark(self, index: int, grad: torch.Tensor) -> None:
+        if self.device.type == "cpu":
+            self.marks[index] = time.perf_counter()
+        else:
+            event = torch.Event(device=self.device, enable_timing=True)
+            event.record()
+            self.marks[index] = event
+
+    def calibrate(self, profile: Profile, kept: int) -> Profile:
+        """``profile`` with its backward and recompute times per forward time, where measured.
+
+        Args:
+            kept: the index of the layer the profile step kept.
+        """
+        backward = {layer.index: self._seconds(layer) for layer in profile.layers}
+        kept_layer = profile.layers[kept] if 0 <= kept < len(profile.layers) else None
+        if kept_layer is None or backward.get(kept) is None:
+            return profile
+        backward_per_forward = min(max(backward[kept] / kept_layer.forward_seconds, 0.5), 8.0)
+        recomputes = [
+            (seconds / layer.forward_seconds - backward_per_forward)
+            for layer, seconds in ((layer, backward[layer.index]) for layer in profile.layers)
+            if seconds is not None and layer.index != kept
+        ]
+        recompute_per_forward = (
+            min(max(statistics.median(recomputes), 0.2), 1.5) if recomputes else profile.recompute_per_forward
+        )
+        return replace(
+            profile, backward_per_forward=backward_per_forward, recompute_per_forward=recompute_per_forward
+        )
+
+    def _seconds(self, layer: LayerProfile) -> float | None:
+        start, end = self.marks.get(layer.index), self.marks.get(layer.index - 1)
+        if start is None or end is None or not layer.planned or layer.forward_seconds <= 0:
+            return None
+        if self.device.type == "cpu":
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 def measure_copies(engine: CopyEngine, nbytes: int, repeats: int = 3) -> CopyProfile:

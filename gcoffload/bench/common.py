@@ -34,7 +34,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def allocated_bytes(device: torch.device) -> int | None:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    return torch.get_device_module(device.type).memory_allocated(device) if device.type != "cpu" else None
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -42,12 +42,12 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type != "cpu":
+        torch.get_device_module(device.type).reset_peak_memory_stats(device)
 
 
 def peak_bytes(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return torch.get_device_module(device.type).max_memory_allocated(device) if device.type != "cpu" else None
 
 
 def memory_of_step(
@@ -132,6 +132,8 @@ def format_value(value: Any, kind: str) -> str:
         return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
     if kind == "pct":
         return f"{100 * value:+.1f}%"
+    if kind == "ratio":
+        return f"{value:.2f}x"
     if kind == "frac":
         return f"{100 * value:.0f}%"
     if kind == "gib":

@@ -3,8 +3,12 @@
 On a GPU: copy bandwidth from 1 MiB to 1 GiB; Llama-1B-like and Llama-8B-like
 stacks (as many layers as plain checkpointing fits in free memory, up to the
 model's 16 and 32) at 1x4096, 4x2048 and 1x16384 tokens under every strategy;
-a transformers Llama step. Without a GPU: a small smoke run of the same code
-on the CPU, whose timings say nothing about GPU performance.
+a transformers Llama step; the memory-budget autopilot at three budgets on the
+Llama-1B-like stack at 4x2048 tokens against all-checkpoint and all-offload;
+the host cost per checkpointed layer against torch.utils.checkpoint (always on
+the CPU, where it is all there is to measure). Without a GPU: a small smoke
+run of the same code on the CPU, whose timings say nothing about GPU
+performance.
 
 Writes ``results.json``, ``summary.md`` and PNGs into the output directory.
 """
@@ -25,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..engine import get_engine
-from . import common, copy_bandwidth, hf_step, noise, plots, stack_overlap
+from . import autopilot, common, copy_bandwidth, hf_step, host_cost, noise, plots, stack_overlap
 from .decoder import LLAMA_1B, LLAMA_8B, SMOKE
 from .stack_overlap import StackConfig
 from .strategies import STRATEGIES
@@ -41,6 +45,7 @@ class Suite:
     copy_sizes: tuple[int, ...]
     stacks: tuple[StackConfig, ...]
     hf: hf_step.HFConfig
+    autopilot: StackConfig
     dtype: torch.dtype
     warmup: int
     steps: int
@@ -56,6 +61,7 @@ GPU_SUITE = Suite(
         for batch, length in ((1, 4096), (4, 2048), (1, 16384))
     ),
     hf_step.GPU_CONFIG,
+    StackConfig(LLAMA_1B, LLAMA_1B.depth, 4, 2048),
     torch.bfloat16,
     warmup=10,
     steps=20,
@@ -66,11 +72,12 @@ SMOKE_SUITE = Suite(
     copy_bandwidth.SMOKE_SIZES,
     (StackConfig(SMOKE, 4, 2, 256),),
     hf_step.SMOKE_CONFIG,
+    StackConfig(SMOKE, 4, 2, 256),
     torch.float32,
     warmup=2,
     steps=5,
 )
-SCENARIOS = ("copy", "stack", "hf")
+SCENARIOS = ("copy", "stack", "hf", "autopilot", "host")
 SMOKE_NOTE = (
     "CPU smoke run: no GPU was found, so a small configuration ran on the CPU, where every copy is a "
     "synchronous memcpy. Its timings check that the suite works; they say nothing about GPU performance."
@@ -125,8 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=SCENARIOS,
         help="what to run: copy (pinned copy bandwidth), stack (a Llama-shaped stack under every "
-        "strategy), hf (a transformers Llama step); default: all three, hf where transformers and "
-        "peft are installed",
+        "strategy), hf (a transformers Llama step), autopilot (the memory-budget autopilot at three "
+        "budgets), host (host cost per checkpointed layer on the CPU); default: all, hf where "
+        "transformers and peft are installed",
     )
     parser.add_argument(
         "--shapes",
@@ -201,6 +209,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     total = (len(suite.copy_sizes) if "copy" in scenarios else 0) + len(stacks) * len(STRATEGIES)
     total += 2 * len(hf_step.STRATEGIES) if run_hf else 0
+    total += autopilot.RUNS if "autopilot" in scenarios else 0
+    total += len(host_cost.VARIANTS) if "host" in scenarios else 0
     results: dict[str, Any] = {"environment": common.environment(device), "suite": suite.name}
     if device.type == "cpu":
         results["note"] = SMOKE_NOTE
@@ -229,6 +239,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             results["hf_step"] = hf_step.run(suite.hf, device, suite.dtype, warmup, steps, advance)
         elif "hf" in scenarios:
             results["hf_step"] = {"skipped": HF_MISSING}
+        if "autopilot" in scenarios:
+            fitted = suite.autopilot.fitted(suite.dtype, common.free_bytes(device))
+            results["autopilot"] = autopilot.run(fitted, device, suite.dtype, warmup, steps, advance)
+        if "host" in scenarios:
+            results["host_cost"] = host_cost.run(advance=advance)
 
     written = _write(results, args.out)
     print(_summary(results))
@@ -244,6 +259,8 @@ def _noisy_measurements(results: dict[str, Any]) -> list[str]:
         measured += [(f"{stack['label']} {row['strategy']}", row) for row in stack["strategies"]]
     hf_rows = results.get("hf_step", {}).get("rows", [])
     measured += [(f"transformers {row['mode']} {row['strategy']}", row) for row in hf_rows]
+    measured += [(f"autopilot {row['run']}", row) for row in results.get("autopilot", {}).get("runs", [])]
+    measured += [(f"host cost {row['variant']}", row) for row in results.get("host_cost", {}).get("rows", [])]
     return [f"{where}: {row['noisy']}" for where, row in measured if row.get("noisy")]
 
 
@@ -276,6 +293,10 @@ def _summary(results: dict[str, Any]) -> str:
     hf = results.get("hf_step")
     if hf:
         parts += ["", hf_step.report(hf) if "rows" in hf else f"transformers step skipped: {hf['skipped']}"]
+    if "autopilot" in results:
+        parts += ["", autopilot.report(results["autopilot"])]
+    if "host_cost" in results:
+        parts += ["", host_cost.report(results["host_cost"])]
     return "\n".join(parts)
 
 

@@ -1,0 +1,156 @@
+"""Scenario (d): the memory-budget autopilot against all-checkpoint and all-offload, at three budgets.
+
+A decoder stack (the stack scenario's) runs under plain checkpointing, under
+checkpointing with every input offloaded, and under the autopilot at three
+budgets: a quarter, half and three quarters of the way from the least memory
+the layers can take (every input offloaded) to what keeping every activation
+takes, as the autopilot's own profile of the stack predicts them. Per run:
+median step time, peak memory and memory held after the forward pass (where
+the device reports memory), and for the autopilot its plan: the predicted
+step time, held and peak bytes, and the per-layer table. Peaks include the
+weights' gradients, which the budget does not cover.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..planner import predict
+from ..wrap import wrap_layers
+from . import common, noise
+from .decoder import build_stack, run_stack
+from .stack_overlap import StackConfig
+
+FRACTIONS = (0.25, 0.5, 0.75)
+BASELINES = {"checkpoint": {"offload": False}, "offload": {"offload": True, "keep_resident": 0}}
+RUNS = len(BASELINES) + len(FRACTIONS) + 1  # and the profile that finds the budgets
+
+
+def run(
+    config: StackConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    steps: int,
+    advance: Callable[[str], None] = lambda label: None,
+) -> dict[str, Any]:
+    """Measures the baselines and the autopilot at three budgets on one stack; a JSON-ready dict."""
+    stack = build_stack(config.shape, config.layers, device, dtype)
+    torch.manual_seed(1)
+    inputs = torch.randn(config.batch, config.length, config.shape.hidden, device=device, dtype=dtype)
+    inputs.requires_grad_(True)
+    output_grad = torch.randn_like(inputs)
+
+    def step() -> None:
+        stack.zero_grad(set_to_none=True)
+        inputs.grad = None
+        run_stack(stack, inputs).backward(output_grad)
+
+    advance(f"{config.label} autopilot profile")
+    with wrap_layers(stack, memory_budget=1 << 62, min_offload_bytes=0) as wrapped:
+        step()
+        (profile,) = wrapped.autopilot.profiles.values()
+    layers = profile.layers
+    least = predict(profile, ["offload" if layer.offloadable else "checkpoint" for layer in layers])
+    most = predict(profile, ["keep"] * len(layers))
+    rows = []
+    for name, options in BASELINES.items():
+        advance(f"{config.label} {name}")
+        rows.append(_measure(name, stack, step, inputs, output_grad, device, warmup, steps, options))
+    for fraction in FRACTIONS:
+        budget = int(least.peak_bytes + fraction * (most.peak_bytes - least.peak_bytes))
+        name = f"autopilot {fraction:.0%}"
+        advance(f"{config.label} {name}")
+        options = {"memory_budget": budget, "min_offload_bytes": 0}
+        rows.append(_measure(name, stack, step, inputs, output_grad, device, max(warmup, 1), steps, options))
+    return {
+        "config": {
+            **config.shape.as_dict(),
+            "layers": config.layers,
+            "batch": config.batch,
+            "length": config.length,
+        },
+        "label": config.label,
+        "dtype": str(dtype),
+        "least_memory_peak_bytes": least.peak_bytes,
+        "all_keep_peak_bytes": most.peak_bytes,
+        "copies": vars(profile.copies),
+        "runs": rows,
+    }
+
+
+def _measure(
+    name: str,
+    stack: torch.nn.ModuleList,
+    step: Callable[[], None],
+    inputs: torch.Tensor,
+    output_grad: torch.Tensor,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    with wrap_layers(stack, **options) as wrapped:
+        times = common.time_steps(step, device, warmup=warmup, steps=steps)
+        stack.zero_grad(set_to_none=True)
+        inputs.grad = None
+        memory = common.memory_of_step(
+            device, lambda: run_stack(stack, inputs), lambda output: output.backward(output_grad)
+        )
+        plan = wrapped.plan
+    row: dict[str, Any] = {
+        "run": name,
+        "median_ms": statistics.median(times),
+        "step_ms": common.spread(times),
+        **memory,
+        "noisy": noise.diagnose(times, {}),
+    }
+    if plan is not None:
+        row.update(
+            budget_bytes=plan.budget_bytes,
+            predicted_ms=plan.step_seconds * 1e3,
+            predicted_held_bytes=plan.held_bytes,
+            predicted_peak_bytes=plan.peak_bytes,
+            modes=plan.counts(),
+            plan=plan.summary(),
+        )
+    return row
+
+
+COLUMNS = [
+    ("run", "run", "str"),
+    ("budget_bytes", "budget GiB", "gib"),
+    ("modes", "modes", "str"),
+    ("median_ms", "step ms", "ms"),
+    ("predicted_ms", "predicted ms", "ms"),
+    ("held_after_forward_bytes", "held after fwd GiB", "gib"),
+    ("predicted_held_bytes", "predicted GiB", "gib"),
+    ("peak_bytes", "peak GiB", "gib"),
+    ("predicted_peak_bytes", "predicted peak GiB", "gib"),
+    ("noisy", "noisy", "str"),
+]
+
+
+def report(result: dict[str, Any]) -> str:
+    """A markdown table of the runs, then each plan's table."""
+    rows = [
+        {**row, "modes": ", ".join(f"{count} {mode}" for mode, count in row["modes"].items())}
+        if "modes" in row
+        else row
+        for row in result["runs"]
+    ]
+    copies = result["copies"]
+    header = (
+        f"### autopilot, {result['label']} ({result['dtype']})\n"
+        f"least-memory plan peak {common.format_value(result['least_memory_peak_bytes'], 'gib')} GiB, "
+        f"all-keep peak {common.format_value(result['all_keep_peak_bytes'], 'gib')} GiB; copies measured "
+        f"D2H {copies['d2h_bytes_per_second'] / 1e9:.3g} GB/s, "
+        f"H2D {copies['h2d_bytes_per_second'] / 1e9:.3g} GB/s, "
+        f"both ways {copies['bidirectional_bytes_per_second'] / 1e9:.3g} GB/s\n\n"
+    )
+    plans = "\n\n".join(f"```\n{row['plan']}\n```" for row in result["runs"] if "plan" in row)
+    return header + common.table(rows, COLUMNS) + "\n\n" + plans

@@ -1,0 +1,142 @@
+"""Scenario (e): host cost per checkpointed layer, against torch.utils.checkpoint, on the CPU.
+
+A deep stack of tiny MLP blocks on the CPU, where compute is negligible and a
+step's time (forward and backward) is the Python and dispatcher work per
+layer: the cost a GPU step pays on the host, which hides behind the GPU only
+while a layer's kernels take longer. Every variant checkpoints every layer
+(gcoffload's inputs stay on the device: this measures bookkeeping, not
+copies), and they run interleaved, step by step, in one run, so machine noise
+hits each alike. Reported per variant: minimum and median ms per step, the
+minimum per checkpointed layer, and the ratio of minima to torch's reentrant
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..planner import predict
+from ..wrap import wrap_layers
+from . import common, noise
+
+LAYERS = 32
+HIDDEN = 64
+TOKENS = 16
+REFERENCE = "torch reentrant"
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.up = nn.Linear(hidden, 4 * hidden)
+        self.down = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.down(nn.functional.gelu(self.up(self.norm(hidden_states))))
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _torch(use_reentrant: bool) -> Callable[[nn.ModuleList], contextlib.AbstractContextManager[Forward]]:
+    @contextlib.contextmanager
+    def activate(layers: nn.ModuleList) -> Iterator[Forward]:
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            for layer in layers:
+                hidden_states = checkpoint(layer, hidden_states, use_reentrant=use_reentrant)
+            return hidden_states
+
+        yield forward
+
+    return activate
+
+
+def _gcoffload(use_reentrant: bool, autopilot: bool = False) -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def activate(layers: nn.ModuleList) -> Iterator[Forward]:
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            for layer in layers:
+                hidden_states = layer(hidden_states)
+            return hidden_states
+
+        options = {"offload": False, "use_reentrant": use_reentrant}
+        if autopilot:  # every layer planned "checkpoint": the autopilot's bookkeeping on top of a checkpoint
+            options = {"memory_budget": 1 << 62, "use_reentrant": use_reentrant}
+        with wrap_layers(layers, **options) as wrapped:
+            if autopilot:
+                hidden = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
+                forward(hidden).sum().backward()  # the profile step
+                (profile,) = wrapped.autopilot.profiles.values()
+                wrapped.autopilot.use(predict(profile, ["checkpoint"] * len(layers)))
+            yield forward
+
+    return activate
+
+
+VARIANTS = {
+    REFERENCE: _torch(True),
+    "torch non-reentrant": _torch(False),
+    "gcoffload reentrant": _gcoffload(True),
+    "gcoffload non-reentrant": _gcoffload(False),
+    "gcoffload reentrant + autopilot": _gcoffload(True, autopilot=True),
+    "gcoffload non-reentrant + autopilot": _gcoffload(False, autopilot=True),
+}
+
+
+def run(steps: int = 40, layers: int = LAYERS, advance: Callable[[str], None] = lambda label: None) -> dict:
+    """Times every variant, interleaved; a JSON-ready dict with a row per variant."""
+    torch.manual_seed(0)
+    template = nn.ModuleList(MLPBlock(HIDDEN) for _ in range(layers))
+    inputs = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    with contextlib.ExitStack() as stack:
+        forwards = {}
+        for name, activate in VARIANTS.items():
+            advance(f"host cost: {name}")
+            forwards[name] = stack.enter_context(activate(copy.deepcopy(template)))
+        for _ in range(steps):
+            for name, forward in forwards.items():
+                start = time.perf_counter()
+                forward(inputs).pow(2).mean().backward()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    reference = min(times[REFERENCE])
+    rows = [
+        {
+            "variant": name,
+            "min_ms": min(values),
+            "median_ms": statistics.median(values),
+            "per_layer_us": min(values) / layers * 1e3,
+            "vs_torch_reentrant": min(values) / reference,
+            "noisy": noise.diagnose(values, {}),
+        }
+        for name, values in times.items()
+    ]
+    return {"layers": layers, "hidden": HIDDEN, "tokens": TOKENS, "steps": steps, "rows": rows}
+
+
+COLUMNS = [
+    ("variant", "variant", "str"),
+    ("min_ms", "min ms/step", "ms"),
+    ("median_ms", "median ms/step", "ms"),
+    ("per_layer_us", "min us/layer", "ms"),
+    ("vs_torch_reentrant", "vs torch reentrant", "ratio"),
+    ("noisy", "noisy", "str"),
+]
+
+
+def report(result: dict[str, Any]) -> str:
+    return (
+        f"### host cost per checkpointed layer (CPU, {result['layers']} layers of width {result['hidden']}, "
+        f"{result['tokens']} tokens, {result['steps']} interleaved steps)\n\n"
+        + common.table(result["rows"], COLUMNS)
+    )

@@ -1,0 +1,202 @@
+"""The planner as a pure function: profiles in, modes out; no model runs here."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+import gcoffload
+from gcoffload import CopyProfile, LayerProfile, Mode, Profile
+from gcoffload.planner import _RESOLUTION
+
+MiB = 1 << 20
+GPU_COPIES = CopyProfile(50e9, 50e9, 87e9, overlaps_compute=True, nbytes=16 * MiB)
+CPU_COPIES = CopyProfile(8e9, 8e9, 8e9, overlaps_compute=False, nbytes=16 * MiB)
+
+
+def random_profile(layers: int, seed: int, copies: CopyProfile = GPU_COPIES) -> Profile:
+    rng = random.Random(seed)
+    return Profile(
+        tuple(
+            LayerProfile(
+                index=index,
+                planned=True,
+                saved_bytes=rng.randint(8, 40) * MiB,
+                input_bytes=rng.randint(1, 4) * MiB,
+                offloadable=rng.random() < 0.8,
+                saves_input=rng.random() < 0.5,
+                saves_output=rng.random() < 0.5,
+                forward_seconds=rng.uniform(0.02e-3, 0.2e-3),
+            )
+            for index in range(layers)
+        ),
+        copies,
+        tokens=4096,
+    )
+
+
+def decoder_profile(
+    layers: int, input_mib: int, forward_ms: float, copies: CopyProfile = GPU_COPIES
+) -> Profile:
+    """Identical decoder layers: saved activations ~ 16 layer inputs, input and output saved."""
+    layer = LayerProfile(0, True, 16 * input_mib * MiB, input_mib * MiB, True, True, False, forward_ms * 1e-3)
+    return Profile(tuple(LayerProfile(**{**vars(layer), "index": i}) for i in range(layers)), copies, 4096)
+
+
+def bounds(profile: Profile) -> tuple[int, int]:
+    """Peak of the least-memory plan and of the all-keep plan."""
+    least = [
+        ("offload" if layer.offloadable else "checkpoint") if layer.planned else "plain"
+        for layer in profile.layers
+    ]
+    kept = ["keep" if layer.planned else "plain" for layer in profile.layers]
+    return gcoffload.predict(profile, least).peak_bytes, gcoffload.predict(profile, kept).peak_bytes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_program_finds_the_fastest_plan_that_fits(seed):
+    profile = random_profile(6, seed)
+    low, high = bounds(profile)
+    unit = -(-sum(max(layer.saved_bytes, layer.input_bytes) for layer in profile.layers) // _RESOLUTION)
+    every_plan = [
+        gcoffload.predict(profile, modes)
+        for modes in itertools.product(("keep", "checkpoint", "offload"), repeat=6)
+        if all(
+            mode != "offload" or layer.offloadable for mode, layer in zip(modes, profile.layers, strict=True)
+        )
+    ]
+    for budget in range(low, high + 1, (high - low) // 25):
+        chosen = gcoffload.plan(profile, budget)
+        assert chosen.peak_bytes <= budget
+        # Bytes are rounded up to 1/8192 of the stack's total: the best plan with that slack less is the bar.
+        fitting = [option.step_seconds for option in every_plan if option.peak_bytes <= budget - 6 * unit]
+        assert chosen.step_seconds <= min(fitting, default=float("inf"))
+        assert chosen.step_seconds >= min(o.step_seconds for o in every_plan if o.peak_bytes <= budget)
+
+
+@pytest.mark.parametrize("copies", [GPU_COPIES, CPU_COPIES], ids=["gpu-like", "cpu"])
+def test_more_budget_never_predicts_a_slower_step_and_every_plan_fits(copies):
+    profile = random_profile(40, seed=7, copies=copies)
+    low, high = bounds(profile)
+    previous = None
+    for budget in [*range(low, high, max(1, (high - low) // 60)), high]:
+        chosen = gcoffload.plan(profile, budget)
+        assert chosen.peak_bytes <= budget
+        if previous is not None:
+            assert chosen.step_seconds <= previous.step_seconds
+            assert chosen.held_bytes >= previous.held_bytes - 64 * MiB  # uses the memory it is given
+        previous = chosen
+    assert set(previous.modes) == {Mode.KEEP}
+    assert gcoffload.plan(profile, low).step_seconds > previous.step_seconds
+
+
+def test_budgets_between_the_extremes_use_the_memory():
+    profile = decoder_profile(16, input_mib=8, forward_ms=2.0)
+    low, high = bounds(profile)
+    for fraction in (0.25, 0.5, 0.75):
+        budget = int(low + fraction * (high - low))
+        chosen = gcoffload.plan(profile, budget)
+        kept = chosen.modes.count(Mode.KEEP)
+        assert 0 < kept < 16
+        # One more kept layer would not fit: the plan leaves less than a layer's activations unused.
+        assert budget - chosen.peak_bytes < profile.layers[0].saved_bytes
+
+
+def test_a_budget_below_the_least_memory_plan_names_the_minimum():
+    profile = decoder_profile(8, input_mib=4, forward_ms=1.0)
+    low, _ = bounds(profile)
+    gcoffload.plan(profile, low)
+    with pytest.raises(ValueError, match=rf"below the {low / MiB:.2f} MiB the layers need") as error:
+        gcoffload.plan(profile, low - 1)
+    assert "every input offloaded" in str(error.value)
+
+
+def test_offload_is_chosen_only_where_memory_needs_it_when_its_copy_cannot_hide():
+    # Short sequences: a 4 MiB copy takes ~80 us at 50 GB/s, the layer's forward 20 us.
+    profile = decoder_profile(8, input_mib=4, forward_ms=0.02)
+    low, _ = bounds(profile)
+    all_checkpoint = gcoffload.predict(profile, ["checkpoint"] * 8)
+    roomy = gcoffload.plan(profile, all_checkpoint.peak_bytes)
+    assert Mode.OFFLOAD not in roomy.modes
+    tight = gcoffload.plan(profile, low)
+    assert tight.modes.count(Mode.OFFLOAD) >= 1
+    assert tight.step_seconds > roomy.step_seconds
+    assert sum(layer.exposed_copy_seconds for layer in tight.layers) > 0
+
+
+def test_offload_that_hides_costs_nothing_but_the_last_layers_fetch():
+    # Long sequences: a 4 MiB copy (80 us) hides behind a 2 ms forward and its neighbour's backward.
+    profile = decoder_profile(8, input_mib=4, forward_ms=2.0)
+    offloaded = gcoffload.predict(profile, ["offload"] * 8)
+    checkpointed = gcoffload.predict(profile, ["checkpoint"] * 8)
+    exposed = [layer.exposed_copy_seconds for layer in offloaded.layers]
+    assert exposed[:-1] == [0.0] * 7
+    assert exposed[-1] == pytest.approx(4 * MiB / 50e9, rel=1e-9)  # fetched on demand
+    assert offloaded.step_seconds == pytest.approx(checkpointed.step_seconds + exposed[-1])
+    tight = gcoffload.plan(profile, bounds(profile)[0])
+    assert tight.mode(7) is not Mode.OFFLOAD or tight.modes.count(Mode.OFFLOAD) == 8
+
+
+def test_on_the_cpu_copies_always_cost_their_time():
+    profile = decoder_profile(4, input_mib=4, forward_ms=2.0, copies=CPU_COPIES)
+    offloaded = gcoffload.predict(profile, ["offload"] * 4)
+    per_copy = 4 * MiB / 8e9
+    assert [layer.exposed_copy_seconds for layer in offloaded.layers] == pytest.approx([2 * per_copy] * 4)
+
+
+def test_memory_model_counts_a_storage_kept_and_checkpointed_layers_share_once():
+    saves_output = LayerProfile(0, True, 10 * MiB, MiB, True, False, True, 1e-3)
+    saves_input = LayerProfile(1, True, 12 * MiB, 2 * MiB, True, True, False, 1e-3)
+    profile = Profile((saves_output, saves_input), GPU_COPIES, 128)
+    held = lambda modes: [layer.held_bytes for layer in gcoffload.predict(profile, modes).layers]  # noqa: E731
+    assert held(["keep", "keep"]) == [8 * MiB, 12 * MiB]  # layer 1's input is layer 0's saved output
+    assert held(["keep", "checkpoint"]) == [8 * MiB, 2 * MiB]
+    assert held(["keep", "offload"]) == [10 * MiB, 0]  # offloading frees nothing: layer 0 still holds it
+    assert held(["checkpoint", "keep"]) == [MiB, 12 * MiB]
+
+
+def test_plain_layers_stay_plain_and_non_offloadable_inputs_stay_on_the_device():
+    frozen = LayerProfile(0, False, 0, MiB, False, False, False, 1e-3)
+    small = [LayerProfile(index, True, 8 * MiB, MiB, False, True, False, 1e-3) for index in (1, 2, 3)]
+    profile = Profile((frozen, *small), GPU_COPIES, 128)
+    chosen = gcoffload.plan(profile, bounds(profile)[0])
+    assert chosen.modes == (Mode.PLAIN, Mode.CHECKPOINT, Mode.CHECKPOINT, Mode.CHECKPOINT)
+    with pytest.raises(ValueError, match="layer 1 cannot be offload"):
+        gcoffload.predict(profile, ["plain", "offload", "keep", "keep"])
+
+
+def test_summary_has_a_row_per_layer_and_the_totals():
+    profile = decoder_profile(4, input_mib=2, forward_ms=1.0)
+    low, high = bounds(profile)
+    text = gcoffload.plan(profile, (low + high) // 2).summary()
+    lines = text.splitlines()
+    assert len(lines) == 2 + 4 + 1
+    assert (
+        lines[-1].startswith("total: ") and "held after forward" in lines[-1] and "(predicted)" in lines[-1]
+    )
+    assert "keep" in text and "checkpoint" in text
+
+
+def test_scaling_a_profile_to_more_tokens_scales_bytes_and_time():
+    profile = decoder_profile(2, input_mib=2, forward_ms=1.0)
+    doubled = profile.scaled(2 * profile.tokens)
+    assert doubled.tokens == 8192
+    assert doubled.layers[0].input_bytes == 4 * MiB and doubled.layers[0].saved_bytes == 64 * MiB
+    assert doubled.layers[0].forward_seconds == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"memory_budget": -1}, "memory_budget must be a non-negative int"),
+        ({"memory_budget": "1GiB"}, "memory_budget must be a non-negative int"),
+        ({"memory_budget": 1 << 30, "prefetch_depth": -1}, "prefetch_depth must be"),
+    ],
+)
+def test_bad_arguments(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        gcoffload.plan(decoder_profile(2, 1, 1.0), **arguments)
+    with pytest.raises(TypeError, match="profile must be a gcoffload Profile"):
+        gcoffload.plan("profile", 1 << 30)
