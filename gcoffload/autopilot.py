@@ -113,19 +113,21 @@ class Autopilot:
         self.plan: Plan | None = None  # the plan of the current pass
         self._on_plan = on_plan
         self._copies: dict[tuple[torch.device, int], CopyProfile] = {}
-        self._modes = {
-            Mode.CHECKPOINT: OffloadOptions(False, options.prefetch_depth, 0, options.min_offload_bytes),
-            Mode.OFFLOAD: OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes),
-        }
+        checkpoint = OffloadOptions(False, options.prefetch_depth, 0, options.min_offload_bytes)
+        self._offload = OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes)
+        # What options_for answers per mode: None keeps the layer; a plain layer, if checkpointed after all,
+        # and a layer the plan lacks take the least memory.
+        self._options = {Mode.KEEP: None, Mode.CHECKPOINT: checkpoint}
+        self._planned: tuple[OffloadOptions | None, ...] = ()  # per layer, from the plan in force
         self._profiling: _ProfilePass | None = None
         self._timing_backward: _ProfilePass | None = None  # measured forward, backward still to time
         self._last_index: int | None = None  # of the previous call, None before a pass
         self._force_profile = False
 
-    def observe_plain(self, index: int, hidden: torch.Tensor | None) -> None:
+    def observe_plain(self, index: int, hidden: torch.Tensor) -> None:
         """A layer call the selective rule runs plainly: noted, so that a pass begins where it should."""
         self._begin_call(index, hidden)
-        if self._profiling is not None and hidden is not None:
+        if self._profiling is not None:
             self._profiling.layers[index] = LayerProfile(
                 index, False, 0, hidden.nbytes, False, False, False, 0.0
             )
@@ -148,14 +150,7 @@ class Autopilot:
         self._begin_call(index, hidden)
         profiling = self._profiling
         if profiling is None:
-            mode = (
-                self.plan.mode(index)
-                if self.plan is not None and index < len(self.plan.layers)
-                else Mode.OFFLOAD
-            )
-            if mode is Mode.KEEP:
-                return None
-            return self._modes.get(mode, self._modes[Mode.OFFLOAD])
+            return self._planned[index] if index < len(self._planned) else self._offload
         offloadable = (
             self.allow_offload
             and can_save(hidden)
@@ -172,7 +167,7 @@ class Autopilot:
         get_engine(hidden.device).count("profiled_layers")
         self._finish_profile_if_last(index)
         # The last layer is kept: see BackwardClock.
-        return None if index == self.layer_count - 1 else self._modes[Mode.OFFLOAD]
+        return None if index == self.layer_count - 1 else self._offload
 
     def observe_output(self, index: int, output: Any) -> None:
         """The output of a layer call :meth:`options_for` answered; timed in backward if profiled."""
@@ -215,7 +210,7 @@ class Autopilot:
         self.plans[bucket_tokens(chosen.tokens)] = chosen
         self._last_index = None
 
-    def _begin_call(self, index: int, hidden: torch.Tensor | None) -> None:
+    def _begin_call(self, index: int, hidden: torch.Tensor) -> None:
         previous, self._last_index = self._last_index, index
         if previous is not None and index > previous:
             return
@@ -223,7 +218,7 @@ class Autopilot:
             self._finish_profile()
         if self._timing_backward is not None:
             self._finish_backward()
-        tokens = _tokens(hidden) if hidden is not None else 1
+        tokens = _tokens(hidden)
         bucket = bucket_tokens(tokens)
         if self._force_profile:
             self._force_profile = False
@@ -235,17 +230,16 @@ class Autopilot:
         elif chosen is not self.plan:
             self._set_plan(chosen)
 
-    def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor | None) -> None:
-        device = hidden.device if hidden is not None else torch.device("cpu")
+    def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor) -> None:
         self.plan = None
-        self._profiling = _ProfilePass(bucket, tokens, self.budget.resolve(device))
+        self._planned = ()
+        self._profiling = _ProfilePass(bucket, tokens, self.budget.resolve(hidden.device))
 
-    def _plan_from_larger_profile(self, bucket: int, hidden: torch.Tensor | None) -> Plan | None:
+    def _plan_from_larger_profile(self, bucket: int, hidden: torch.Tensor) -> Plan | None:
         larger = [tokens for tokens in self.profiles if tokens >= bucket]
         if not larger:
             return None
-        device = hidden.device if hidden is not None else torch.device("cpu")
-        return self._adopt(bucket, self.profiles[min(larger)], self.budget.resolve(device))
+        return self._adopt(bucket, self.profiles[min(larger)], self.budget.resolve(hidden.device))
 
     def _finish_profile_if_last(self, index: int) -> None:
         if index >= self.layer_count - 1:
@@ -294,6 +288,7 @@ class Autopilot:
 
     def _set_plan(self, chosen: Plan) -> None:
         self.plan = chosen
+        self._planned = tuple(self._options.get(mode, self._offload) for mode in chosen.modes)
         if self._on_plan is not None:
             self._on_plan(chosen)
 

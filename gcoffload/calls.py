@@ -20,6 +20,7 @@ __all__ = [
     "count_leaves",
     "describe_layer",
     "flatten_arguments",
+    "flatten_call",
     "resolve_module",
     "unflatten",
     "unwrap_partial",
@@ -71,6 +72,19 @@ def describe_layer(function: Callable[..., Any]) -> str:
 # containers are left whole: a KV cache object must stay the same object in the
 # recompute.
 _LEAF = object()
+_CONSTANT = object()
+_PLAIN_CALLS: dict[int, Any] = {}  # structures of calls with n tensors and no keywords
+
+
+def flatten_call(args: tuple, kwargs: dict[str, Any], leaves: list[torch.Tensor]) -> Any:
+    """:func:`flatten_arguments` of ``(args, kwargs)``, at no cost for the usual call (tensors only)."""
+    if not kwargs and all(type(arg) is torch.Tensor for arg in args):
+        leaves.extend(args)
+        structure = _PLAIN_CALLS.get(len(args))
+        if structure is None:
+            structure = _PLAIN_CALLS[len(args)] = (tuple, [(tuple, [_LEAF] * len(args)), (dict, {})])
+        return structure
+    return flatten_arguments((args, kwargs), leaves)
 
 
 def flatten_arguments(value: Any, leaves: list[torch.Tensor]) -> Any:
@@ -82,7 +96,7 @@ def flatten_arguments(value: Any, leaves: list[torch.Tensor]) -> Any:
         return (type(value), [flatten_arguments(item, leaves) for item in value])
     if type(value) is dict:
         return (dict, {key: flatten_arguments(item, leaves) for key, item in value.items()})
-    return ("constant", value)
+    return (_CONSTANT, value)
 
 
 def unflatten(structure: Any, leaves: Iterator[torch.Tensor]) -> Any:
@@ -90,11 +104,13 @@ def unflatten(structure: Any, leaves: Iterator[torch.Tensor]) -> Any:
     if structure is _LEAF:
         return next(leaves)
     kind, content = structure
-    if kind == "constant":
+    if kind is _CONSTANT:
         return content
     if kind is dict:
         return {key: unflatten(item, leaves) for key, item in content.items()}
-    return kind(unflatten(item, leaves) for item in content)
+    if kind is tuple and all(item is _LEAF for item in content):
+        return tuple(next(leaves) for _ in content)
+    return kind([unflatten(item, leaves) for item in content])
 
 
 def count_leaves(structure: Any) -> int:
@@ -102,7 +118,7 @@ def count_leaves(structure: Any) -> int:
     if structure is _LEAF:
         return 1
     kind, content = structure
-    if kind == "constant":
+    if kind is _CONSTANT:
         return 0
     items = content.values() if kind is dict else content
     return sum(count_leaves(item) for item in items)

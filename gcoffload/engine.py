@@ -231,7 +231,7 @@ class CopyEngine:
         """
         if counter not in self._counters:
             raise ValueError(f"count: unknown counter {counter!r}; expected one of {CHECKPOINT_COUNTERS}")
-        if not _is_non_negative_int(amount):
+        if type(amount) is not int or amount < 0:  # not _is_non_negative_int: this runs per layer call
             raise ValueError(f"count: amount must be a non-negative int, got {amount!r}")
         self._counters[counter] += amount
 
@@ -379,6 +379,10 @@ def get_engine(device: torch.device | str | int | None = None) -> CopyEngine:
         device: ``"cuda:0"``, ``torch.device``, an index on the current
             accelerator, or None for the current accelerator (the CPU if none).
     """
+    if isinstance(device, torch.device):  # a tensor's device: already normalised if known
+        engine = _engines.get(device)
+        if engine is not None:
+            return engine
     device = _normalize_device(device)
     engine = _engines.get(device)
     if engine is not None:

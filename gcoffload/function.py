@@ -15,15 +15,14 @@ import contextlib
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.checkpoint import noop_context_fn
 
 from . import nonreentrant
-from .calls import count_leaves, describe_layer, flatten_arguments, unflatten, unwrap_partial
+from .calls import count_leaves, describe_layer, flatten_call, unflatten, unwrap_partial
 from .nonreentrant import DEFAULT_DETERMINISM_MODE
 from .saved_input import OffloadOptions, SavedInput, SavedTensor, can_save, save
 
@@ -152,14 +151,15 @@ def reentrant_checkpoint(
     """The reentrant path of :func:`checkpoint`, with validated options.
 
     ``anchored`` checkpoints even when no argument requires grad (a trainable
-    layer behind frozen ones); see Note [Graph anchor].
+    layer behind frozen ones): then an anchor is added, see Note [Graph anchor].
     """
     layer = function
     function, args, kwargs = unwrap_partial(function, args, kwargs)
     leaves: list[torch.Tensor] = []
-    structure = flatten_arguments((args, kwargs), leaves)
+    structure = flatten_call(args, kwargs, leaves)
+    anchored = anchored and not any(leaf.requires_grad for leaf in leaves)
     if anchored:
-        leaves.append(torch.empty(0, requires_grad=True))
+        leaves.append(torch.empty(0, requires_grad=True))  # Note [Graph anchor]: never saved
     elif not any(leaf.requires_grad for leaf in leaves):
         warnings.warn(
             "gcoffload.checkpoint: no tensor argument requires grad, so the function runs without "
@@ -169,7 +169,7 @@ def reentrant_checkpoint(
         )
         return function(*args, **kwargs)
     hidden_index = 0 if count_leaves(structure[1][0]) > 0 and can_save(leaves[0]) else None
-    call = _Call(function, layer, structure, hidden_index, options, preserve_rng_state)
+    call = _Call(function, layer, structure, hidden_index, options, preserve_rng_state, anchored)
     packer = _InputPacker(layer)
     try:
         with torch.autograd.graph.saved_tensors_hooks(packer.pack, _unpack):
@@ -191,14 +191,14 @@ def reentrant_checkpoint(
 # (the function never sees it), anchors the Function in the graph instead.
 
 
-@dataclass(frozen=True)
-class _Call:
+class _Call(NamedTuple):  # a tuple: built once per layer call, on the hot path
     function: Callable[..., Any]
     layer: Callable[..., Any]  # as the caller passed it, for error messages
     structure: Any
     hidden_index: int | None
     options: OffloadOptions
     preserve_rng_state: bool
+    anchored: bool
 
 
 class _InputPacker:
@@ -255,7 +255,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 "gcoffload.checkpoint: the checkpointed function must return a tensor or a tuple, "
                 f"got {type(outputs).__name__}"
             )
-        ctx.save_for_backward(*leaves)
+        ctx.save_for_backward(*(leaves[:-1] if call.anchored else leaves))
         return outputs
 
     @staticmethod
@@ -270,14 +270,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if saved is not None:
             saved.start_recompute(call.options.prefetch_depth)
         leaves = ctx.saved_tensors
-        needs_grad = ctx.needs_input_grad[2:]
+        needs_grad = ctx.needs_input_grad[2 : 2 + len(leaves)]
         inputs = [leaf.detach().requires_grad_(needs) for leaf, needs in zip(leaves, needs_grad, strict=True)]
+        rng = ctx.rng if ctx.rng is not None else contextlib.nullcontext()
         try:
-            with contextlib.ExitStack() as stack:
-                if ctx.rng is not None:
-                    stack.enter_context(ctx.rng.restored())
-                stack.enter_context(ctx.autocast.restored())
-                stack.enter_context(torch.enable_grad())
+            with rng, ctx.autocast.restored(), torch.enable_grad():
                 args, kwargs = unflatten(call.structure, iter(inputs))
                 outputs = call.function(*args, **kwargs)
             if isinstance(outputs, torch.Tensor):
@@ -296,11 +293,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         grads = tuple(
             tensor.grad if needs else None for tensor, needs in zip(inputs, needs_grad, strict=True)
         )
-        return (None, None, *grads)
+        return (None, None, *grads, *((None,) if call.anchored else ()))
 
 
 class _RngState:
-    """CPU and device RNG states at forward time, restored for the recompute."""
+    """CPU and device RNG states at forward time; ``with state:`` restores them for the recompute."""
 
     def __init__(self, cpu: torch.Tensor, device_type: str, devices: dict[int, torch.Tensor]) -> None:
         self.cpu = cpu
@@ -309,6 +306,8 @@ class _RngState:
 
     @classmethod
     def capture(cls, tensors: Sequence[torch.Tensor]) -> _RngState:
+        if all(tensor.is_cpu for tensor in tensors):
+            return cls(torch.get_rng_state(), "cuda", {})
         accelerators = {tensor.device for tensor in tensors if tensor.device.type not in ("cpu", "meta")}
         device_type = next(iter(accelerators)).type if accelerators else "cuda"
         module = torch.get_device_module(device_type) if accelerators else None
@@ -319,15 +318,22 @@ class _RngState:
         }
         return cls(torch.get_rng_state(), device_type, devices)
 
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=list(self.devices), device_type=self.device_type):
-            torch.set_rng_state(self.cpu)
-            if self.devices:
-                module = torch.get_device_module(self.device_type)
-                for index, state in self.devices.items():
-                    module.set_rng_state(state, index)
-            yield
+    def __enter__(self) -> None:
+        """The forward pass's states inside the block, the current ones again after it (like ``fork_rng``)."""
+        module = torch.get_device_module(self.device_type) if self.devices else None
+        self._outside = (
+            torch.get_rng_state(),
+            {index: module.get_rng_state(index) for index in self.devices},
+        )
+        torch.set_rng_state(self.cpu)
+        for index, state in self.devices.items():
+            module.set_rng_state(state, index)
+
+    def __exit__(self, *exc_info: object) -> None:
+        cpu, devices = self._outside
+        torch.set_rng_state(cpu)
+        for index, state in devices.items():
+            torch.get_device_module(self.device_type).set_rng_state(state, index)
 
 
 class _AutocastState:
@@ -339,6 +345,11 @@ class _AutocastState:
 
     @classmethod
     def capture(cls, tensors: Sequence[torch.Tensor]) -> _AutocastState:
+        if all(tensor.is_cpu for tensor in tensors):
+            return cls(
+                {"cpu": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))},
+                (torch.is_autocast_cache_enabled()),
+            )
         device_types = {tensor.device.type for tensor in tensors if tensor.device.type != "meta"} | {"cpu"}
         settings = {
             device_type: (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -346,13 +357,25 @@ class _AutocastState:
         }
         return cls(settings, torch.is_autocast_cache_enabled())
 
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for device_type, (enabled, dtype) in self.settings.items():
-                stack.enter_context(
-                    torch.autocast(
-                        device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache_enabled
-                    )
-                )
-            yield
+    def restored(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward pass's settings inside a ``with`` block; device types already set so are left alone."""
+        cache_enabled = torch.is_autocast_cache_enabled()
+        differing = [
+            torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache_enabled)
+            for device_type, (enabled, dtype) in self.settings.items()
+            if torch.is_autocast_enabled(device_type) != enabled
+            or (
+                enabled
+                and (torch.get_autocast_dtype(device_type) != dtype or cache_enabled != self.cache_enabled)
+            )
+        ]
+        if not differing:
+            return _UNCHANGED
+        stack = contextlib.ExitStack()
+        for autocast in differing:
+            autocast.__enter__()
+            stack.callback(autocast.__exit__, None, None, None)
+        return stack
+
+
+_UNCHANGED = contextlib.nullcontext()

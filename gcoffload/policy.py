@@ -41,6 +41,12 @@ def _tensor_arguments(
     function: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The tensors among a call's positional and keyword arguments, partials unwrapped."""
+    if (
+        not kwargs
+        and type(function) is not functools.partial
+        and all(type(arg) is torch.Tensor for arg in args)
+    ):
+        return list(args), []  # the usual layer call, at no cost
     _, args, kwargs = unwrap_partial(function, args, dict(kwargs))
     positional: list[torch.Tensor] = []
     keyword: list[torch.Tensor] = []
@@ -68,7 +74,12 @@ def selective_checkpoint_function(
     @functools.wraps(checkpoint_function)
     def selective(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         module = resolve_module(function)
-        checkpointed_args = _checkpointed_args(module, function, args, kwargs, only_trainable, reentrant=True)
+        if not _training(module):
+            return function(*args, **kwargs)
+        positional, keyword = _tensor_arguments(function, args, kwargs)
+        checkpointed_args = _checkpointed_args(
+            module, positional, keyword, args, only_trainable, reentrant=True
+        )
         if checkpointed_args is None:
             return function(*args, **kwargs)
         return checkpoint_function(function, *checkpointed_args, **kwargs)
@@ -76,19 +87,24 @@ def selective_checkpoint_function(
     return selective
 
 
+def _training(module: nn.Module | None) -> bool:
+    """Whether a call would build a graph: grad enabled and the module (if known) in training mode."""
+    return torch.is_grad_enabled() and (module is None or module.training)
+
+
 def _checkpointed_args(
     module: nn.Module | None,
-    function: Callable[..., Any],
+    positional: list[torch.Tensor],
+    keyword: list[torch.Tensor],
     args: tuple,
-    kwargs: Mapping[str, Any],
     only_trainable: bool,
     *,
     reentrant: bool,
 ) -> tuple | None:
-    """The positional arguments to checkpoint the call with, or None to run it plainly."""
-    if not torch.is_grad_enabled() or (module is not None and not module.training):
-        return None
-    positional, keyword = _tensor_arguments(function, args, kwargs)
+    """The positional arguments to checkpoint a training call with, or None to run it plainly.
+
+    ``positional`` and ``keyword`` are the call's tensors (:func:`_tensor_arguments`).
+    """
     if any(tensor.requires_grad for tensor in (*positional, *keyword)):
         return args
     trainable = module is not None and any(parameter.requires_grad for parameter in module.parameters())
@@ -166,38 +182,37 @@ class LayerCheckpointer:
 
     def run(self, module: nn.Module | None, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Calls ``function(*args, **kwargs)``, the layer ``module``, checkpointed or not."""
-        index = self.layer_indices.get(module) if module is not None else None
-        selected = index is None or index % self.every_n_layers == 0
-        checkpointed_args = None
-        if selected:
-            checkpointed_args = _checkpointed_args(
-                module, function, args, kwargs, self.only_trainable, reentrant=False
-            )
-        options = self.options
-        if checkpointed_args is None:
-            if torch.is_grad_enabled() and (module is None or module.training):
-                positional, _ = _tensor_arguments(function, args, kwargs)
-                if positional:
-                    get_engine(positional[0].device).count("plain_layers")
-                if self.autopilot is not None and index is not None:
-                    self.autopilot.observe_plain(index, positional[0] if positional else None)
+        if not _training(module):
             return function(*args, **kwargs)
-        if self.autopilot is not None and index is not None:
-            positional, _ = _tensor_arguments(function, args, kwargs)
-            if positional:
-                hidden = positional[0]
-                options = self.autopilot.options_for(index, module, function, args, kwargs, hidden)
-                if options is None:
-                    get_engine(hidden.device).count("kept_layers")
-                    output = function(*args, **kwargs)
-                    self.autopilot.observe_output(index, output)
-                    return output
+        index = self.layer_indices.get(module) if module is not None else None
+        positional, keyword = _tensor_arguments(function, args, kwargs)
+        hidden = positional[0] if positional else None
+        checkpointed_args = None
+        if index is None or index % self.every_n_layers == 0:
+            checkpointed_args = _checkpointed_args(
+                module, positional, keyword, args, self.only_trainable, reentrant=False
+            )
+        autopilot = self.autopilot if index is not None and hidden is not None else None
+        if checkpointed_args is None:
+            if hidden is not None:
+                get_engine(hidden.device).count("plain_layers")
+            if autopilot is not None:
+                autopilot.observe_plain(index, hidden)
+            return function(*args, **kwargs)
+        options = self.options
+        if autopilot is not None:
+            options = autopilot.options_for(index, module, function, args, kwargs, hidden)
+            if options is None:
+                get_engine(hidden.device).count("kept_layers")
+                output = function(*args, **kwargs)
+                autopilot.observe_output(index, output)
+                return output
         if self.use_reentrant:
             output = reentrant_checkpoint(function, checkpointed_args, kwargs, options, anchored=True)
         else:
             output = nonreentrant.checkpoint(function, checkpointed_args, kwargs, options)
-        if self.autopilot is not None and index is not None:
-            self.autopilot.observe_output(index, output)
+        if autopilot is not None:
+            autopilot.observe_output(index, output)
         return output
 
     def __repr__(self) -> str:
