@@ -3,8 +3,11 @@
 Given ``memory_budget=`` (:func:`gcoffload.wrap_layers`, :func:`gcoffload.patch_model`),
 the checkpointer asks the :class:`Autopilot` how to run each layer call:
 kept (plainly, all activations saved), checkpointed with the input on the
-device, or checkpointed with the input offloaded. The first forward pass at
-a new input size is a *profile step*: every layer is checkpointed and
+device, or checkpointed with the input offloaded. Its very first pass runs
+every layer checkpointed and offloaded, unmeasured: it pays the one-time costs
+of a model's first step (kernel loading, the caching allocator's growth, the
+backward engine's threads), which would skew a profile. After it, the first forward
+pass at a new input size is a *profile step*: every layer is checkpointed and
 offloaded (the least memory; the last layer is kept, which costs no more) while
 :class:`~gcoffload.profile.LayerMeter` measures it. When its last layer has been measured, a plan is made
 (:func:`gcoffload.planner.plan`); when the next pass begins, the profile step's
@@ -122,6 +125,7 @@ class Autopilot:
         self._profiling: _ProfilePass | None = None
         self._timing_backward: _ProfilePass | None = None  # measured forward, backward still to time
         self._last_index: int | None = None  # of the previous call, None before a pass
+        self._warm = False  # a first pass has run: profile steps measure from now on
         self._force_profile = False
 
     def observe_plain(self, index: int, hidden: torch.Tensor) -> None:
@@ -221,11 +225,16 @@ class Autopilot:
         tokens = _tokens(hidden)
         bucket = bucket_tokens(tokens)
         if self._force_profile:
-            self._force_profile = False
+            self._force_profile, self._warm = False, True
             self._start_profile(bucket, tokens, hidden)
             return
         chosen = self.plans.get(bucket) or self._plan_from_larger_profile(bucket, hidden)
-        if chosen is None:
+        if chosen is None and not self._warm:
+            # The first pass pays one-time costs (kernel loading, allocator growth, the backward engine's
+            # threads) that would skew the measurements: it runs in the least memory, unmeasured.
+            self._warm = True
+            self.plan, self._planned = None, ()
+        elif chosen is None:
             self._start_profile(bucket, tokens, hidden)
         elif chosen is not self.plan:
             self._set_plan(chosen)

@@ -180,6 +180,8 @@ class LayerMeter:
         saved.clear()
         # Once more, for the time only (the first run may have paid for allocations and caches).
         seconds = min(seconds, self._timed(function, args, kwargs, _discard)[0])
+        # The runs' memory is freed in stream order: let that finish before the layer's real call.
+        _synchronize(self.device)
         return LayerProfile(
             index=index,
             planned=True,

@@ -75,7 +75,8 @@ def _gcoffload(use_reentrant: bool, autopilot: bool = False) -> Callable[..., An
         with wrap_layers(layers, **options) as wrapped:
             if autopilot:
                 hidden = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
-                forward(hidden).sum().backward()  # the profile step
+                for _ in range(2):  # the autopilot's first pass, then its profile step
+                    forward(hidden).sum().backward()
                 (profile,) = wrapped.autopilot.profiles.values()
                 wrapped.autopilot.use(predict(profile, ["checkpoint"] * len(layers)))
             yield forward
