@@ -54,8 +54,21 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path):
     if importlib.util.find_spec("transformers"):
         strategies = {(row["mode"], row["strategy"]) for row in results["hf_step"]["rows"]}
         assert ("lora", "gcoffload") in strategies and ("full", "hf-checkpoint") in strategies
+    runs = results["autopilot"]["runs"]
+    assert [row["run"] for row in runs] == [
+        "checkpoint",
+        "offload",
+        "autopilot 0%",
+        "autopilot 40%",
+        "autopilot 80%",
+    ]
+    assert all(row["predicted_ms"] > 0 and row["plan"].startswith("gcoffload plan for") for row in runs[2:])
+    assert runs[2]["modes"] == {"offload": 4}  # the least-memory budget
+    host = {row["variant"]: row for row in results["host_cost"]["rows"]}
+    assert host["torch reentrant"]["vs_torch_reentrant"] == 1.0 and "gcoffload reentrant + autopilot" in host
     summary = (out / "summary.md").read_text()
     assert "CPU smoke run" in summary and "| gcoffload-d1 |" in summary
+    assert "### autopilot" in summary and "### host cost per checkpointed layer" in summary
     if importlib.util.find_spec("matplotlib"):
         assert (out / "timeline-0-smoke-2x256.png").stat().st_size > 10_000
         assert (out / "strategies-0-smoke-2x256.png").stat().st_size > 10_000
