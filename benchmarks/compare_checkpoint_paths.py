@@ -1,10 +1,10 @@
 """The reentrant and non-reentrant checkpoint paths side by side: host cost and peak memory.
 
-Host cost: a 16-layer stack of tiny MLP blocks on the CPU, where compute is
-negligible and a step's time is the Python and dispatcher work per layer; the
-four variants run interleaved, step by step, so machine noise hits each alike.
-Peak memory: an 8-layer stack on the test suite's simulated device
-(tests/simdevice), whose caching allocator counts device memory as CUDA's does.
+Host cost: the bench suite's host scenario (``gcoffload.bench.host_cost``: tiny
+MLP blocks on the CPU, where a step's time is the Python and dispatcher work
+per layer, variants interleaved). Peak memory: an 8-layer stack of the same
+blocks on the test suite's simulated device (tests/simdevice), whose caching
+allocator counts device memory as CUDA's does.
 
 Run from the repository root: ``python benchmarks/compare_checkpoint_paths.py``.
 """
@@ -12,9 +12,7 @@ Run from the repository root: ``python benchmarks/compare_checkpoint_paths.py``.
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,22 +20,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gcoffload
+from gcoffload.bench import host_cost
+from gcoffload.bench.host_cost import MLPBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import simdevice  # the test suite's simulated device
 
 VARIANTS = ("torch-reentrant", "torch-nonreentrant", "gcoffload-reentrant", "gcoffload-nonreentrant")
-
-
-class MLPBlock(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden)
-        self.up = nn.Linear(hidden, 4 * hidden)
-        self.down = nn.Linear(4 * hidden, hidden)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.down(nn.functional.gelu(self.up(self.norm(hidden_states))))
 
 
 class CheckpointedStack(nn.Module):
@@ -72,23 +61,6 @@ def stacks(device: str, layers: int, hidden: int) -> dict[str, nn.Module]:
     return built
 
 
-def host_cost(layers: int = 16, hidden: int = 64, tokens: int = 16, steps: int = 40) -> None:
-    built = stacks("cpu", layers, hidden)
-    inputs = torch.randn(1, tokens, hidden, requires_grad=True)
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for _ in range(steps):
-        for variant in VARIANTS:
-            start = time.perf_counter()
-            built[variant](inputs).pow(2).mean().backward()
-            times[variant].append(time.perf_counter() - start)
-    print(f"host cost, CPU, {layers} layers, hidden {hidden}, {tokens} tokens: ms per step, min / median")
-    for variant in VARIANTS:
-        print(
-            f"  {variant:24} {min(times[variant]) * 1e3:7.2f} / "
-            f"{statistics.median(times[variant]) * 1e3:7.2f}"
-        )
-
-
 def peak_memory(layers: int = 8, hidden: int = 256, tokens: int = 512) -> None:
     simdevice.load()
     device = "simdev:0"
@@ -113,4 +85,4 @@ def peak_memory(layers: int = 8, hidden: int = 256, tokens: int = 512) -> None:
 
 if __name__ == "__main__":
     peak_memory()  # simdev must be loaded before the process's first backward
-    host_cost()
+    print(host_cost.report(host_cost.run()))

@@ -40,10 +40,7 @@ def run(
 ) -> dict[str, Any]:
     """Measures the baselines and the autopilot at three budgets on one stack; a JSON-ready dict."""
     stack = build_stack(config.shape, config.layers, device, dtype)
-    torch.manual_seed(1)
-    inputs = torch.randn(config.batch, config.length, config.shape.hidden, device=device, dtype=dtype)
-    inputs.requires_grad_(True)
-    output_grad = torch.randn_like(inputs)
+    inputs, output_grad = config.tensors(device, dtype)
 
     def step() -> None:
         stack.zero_grad(set_to_none=True)

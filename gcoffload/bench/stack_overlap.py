@@ -48,6 +48,12 @@ class StackConfig:
     def input_bytes(self, dtype: torch.dtype) -> int:
         return self.batch * self.length * self.shape.hidden * torch.empty((), dtype=dtype).element_size()
 
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack's input (requiring grad) and the gradient of its output, the same in every run."""
+        torch.manual_seed(1)
+        inputs = torch.randn(self.batch, self.length, self.shape.hidden, device=device, dtype=dtype)
+        return inputs.requires_grad_(True), torch.randn_like(inputs)
+
     def fitted(self, dtype: torch.dtype, free_bytes: int | None) -> StackConfig:
         """This stack with as many of its layers as plain checkpointing fits in ``free_bytes``.
 
@@ -77,10 +83,7 @@ def run(
 ) -> dict[str, Any]:
     """Measures every strategy on one stack; returns a JSON-ready dict with a row per strategy."""
     stack = build_stack(config.shape, config.layers, device, dtype)
-    torch.manual_seed(1)
-    inputs = torch.randn(config.batch, config.length, config.shape.hidden, device=device, dtype=dtype)
-    inputs.requires_grad_(True)
-    output_grad = torch.randn_like(inputs)
+    inputs, output_grad = config.tensors(device, dtype)
     input_bytes = config.input_bytes(dtype)
     rows, timeline = [], None
     for strategy in strategies:
