@@ -117,10 +117,12 @@ class Autopilot:
         self._on_plan = on_plan
         self._copies: dict[tuple[torch.device, int], CopyProfile] = {}
         checkpoint = OffloadOptions(False, options.prefetch_depth, 0, options.min_offload_bytes)
-        self._offload = OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes)
-        # What options_for answers per mode: None keeps the layer; a plain layer, if checkpointed after all,
-        # and a layer the plan lacks take the least memory.
-        self._options = {Mode.KEEP: None, Mode.CHECKPOINT: checkpoint}
+        offload = OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes)
+        # The first pass, profile steps, and layers a plan has no mode for (a plain layer checkpointed
+        # after all, one the profile step never saw) take the least memory the options allow.
+        self._least_memory = offload if options.offload else checkpoint
+        # What options_for answers per mode: None keeps the layer.
+        self._options = {Mode.KEEP: None, Mode.CHECKPOINT: checkpoint, Mode.OFFLOAD: offload}
         self._planned: tuple[OffloadOptions | None, ...] = ()  # per layer, from the plan in force
         self._profiling: _ProfilePass | None = None
         self._timing_backward: _ProfilePass | None = None  # measured forward, backward still to time
@@ -154,7 +156,7 @@ class Autopilot:
         self._begin_call(index, hidden)
         profiling = self._profiling
         if profiling is None:
-            return self._planned[index] if index < len(self._planned) else self._offload
+            return self._planned[index] if index < len(self._planned) else self._least_memory
         offloadable = (
             self.allow_offload
             and can_save(hidden)
@@ -171,7 +173,7 @@ class Autopilot:
         get_engine(hidden.device).count("profiled_layers")
         self._finish_profile_if_last(index)
         # The last layer is kept: see BackwardClock.
-        return None if index == self.layer_count - 1 else self._offload
+        return None if index == self.layer_count - 1 else self._least_memory
 
     def observe_output(self, index: int, output: Any) -> None:
         """The output of a layer call :meth:`options_for` answered; timed in backward if profiled."""
@@ -297,7 +299,7 @@ class Autopilot:
 
     def _set_plan(self, chosen: Plan) -> None:
         self.plan = chosen
-        self._planned = tuple(self._options.get(mode, self._offload) for mode in chosen.modes)
+        self._planned = tuple(self._options.get(mode, self._least_memory) for mode in chosen.modes)
         if self._on_plan is not None:
             self._on_plan(chosen)
 

@@ -306,7 +306,7 @@ class _RngState:
 
     @classmethod
     def capture(cls, tensors: Sequence[torch.Tensor]) -> _RngState:
-        if all(tensor.is_cpu for tensor in tensors):
+        if all(tensor.is_cpu for tensor in tensors):  # what follows gives the same, at a cost per layer
             return cls(torch.get_rng_state(), "cuda", {})
         accelerators = {tensor.device for tensor in tensors if tensor.device.type not in ("cpu", "meta")}
         device_type = next(iter(accelerators)).type if accelerators else "cuda"
@@ -345,11 +345,9 @@ class _AutocastState:
 
     @classmethod
     def capture(cls, tensors: Sequence[torch.Tensor]) -> _AutocastState:
-        if all(tensor.is_cpu for tensor in tensors):
-            return cls(
-                {"cpu": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))},
-                (torch.is_autocast_cache_enabled()),
-            )
+        if all(tensor.is_cpu for tensor in tensors):  # what follows gives the same, at a cost per layer
+            cpu = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+            return cls({"cpu": cpu}, torch.is_autocast_cache_enabled())
         device_types = {tensor.device.type for tensor in tensors if tensor.device.type != "meta"} | {"cpu"}
         settings = {
             device_type: (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))

@@ -325,8 +325,8 @@ def plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Pl
     if smallest.peak_bytes > memory_budget:
         raise ValueError(
             f"memory_budget of {_mib(memory_budget)} is below the {_mib(smallest.peak_bytes)} the layers "
-            f"need at {profile.tokens} tokens per step even with every input offloaded "
-            f"({_mib(smallest.held_bytes)} held after forward + "
+            f"need at {profile.tokens} tokens per step in the least memory they can take, every input that "
+            f"can leave the device offloaded ({_mib(smallest.held_bytes)} held after forward + "
             f"{_mib(smallest.peak_bytes - smallest.held_bytes)} working set in backward). "
             "Raise the budget, or shorten the batch."
         )

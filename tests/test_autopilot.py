@@ -149,6 +149,21 @@ def test_a_budget_below_the_minimum_says_the_minimum_and_leaks_nothing():
     assert stats["pools"]["cpu"]["in_use_bytes"] == 0
 
 
+def test_without_offload_the_autopilot_keeps_or_checkpoints_only():
+    model = BareStack(layers=3)
+    wrapped = gcoffload.wrap_layers(model.layers, offload=False, memory_budget=1 << 40, min_offload_bytes=0)
+    engine = gcoffload.get_engine("cpu")
+    engine.reset_stats()
+    inputs = torch.randn(4, 128, 64)
+    for _ in range(3):  # the first pass, the profile step, a planned step
+        step(model, inputs)
+    assert engine.stats()["offloads"] == 0
+    (profile,) = wrapped.autopilot.profiles.values()
+    assert not any(layer.offloadable for layer in profile.layers)
+    with pytest.raises(ValueError, match="layer 0 cannot be offload"):
+        gcoffload.predict(profile, ["offload"] * 3)
+
+
 def test_plans_are_cached_per_shape_bucket_and_logged_once_each(caplog):
     model = BareStack(layers=3)
     wrapped = gcoffload.wrap_layers(model.layers, memory_budget="1GiB")
