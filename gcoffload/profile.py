@@ -59,7 +59,8 @@ class LayerProfile:
             floating-point tensor of at least ``min_offload_bytes``).
         saves_input: whether the un-checkpointed layer saves its input.
         saves_output: whether the un-checkpointed layer saves its output.
-        forward_seconds: the layer's forward time.
+        forward_seconds: the layer's forward time (device events on an accelerator, the wall
+            clock on the CPU).
     """
 
     index: int
@@ -200,14 +201,32 @@ class LayerMeter:
         kwargs: dict[str, Any],
         pack: Callable[[torch.Tensor], None],
     ) -> tuple[float, Any]:
-        """Runs the layer with grad under ``pack``, with the RNG restored afterwards; (seconds, output)."""
+        """Runs the layer with grad under ``pack``, with the RNG restored afterwards; (seconds, output).
+
+        Timed by device events on an accelerator (the stream idle before), by the wall clock on the CPU.
+        """
         with _rng_restored(self.device):
             _synchronize(self.device)
-            start = time.perf_counter()
+            start = _timestamp(self.device)
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
                 output = function(*args, **kwargs)
-            _synchronize(self.device)
-            return time.perf_counter() - start, output
+            return _seconds_between(self.device, start, _timestamp(self.device)), output
+
+
+def _timestamp(device: torch.device) -> Any:
+    """Now: a device event recorded on the current stream on an accelerator, the wall clock on the CPU."""
+    if device.type == "cpu":
+        return time.perf_counter()
+    event = torch.Event(device=device, enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds_between(device: torch.device, start: Any, end: Any) -> float:
+    if device.type == "cpu":
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def _discard(tensor: torch.Tensor) -> None:
@@ -275,12 +294,7 @@ class BackwardClock:
             tensor.register_hook(functools.partial(self._mark, index))
 
     def _mark(self, index: int, grad: torch.Tensor) -> None:
-        if self.device.type == "cpu":
-            self.marks[index] = time.perf_counter()
-        else:
-            event = torch.Event(device=self.device, enable_timing=True)
-            event.record()
-            self.marks[index] = event
+        self.marks[index] = _timestamp(self.device)
 
     def calibrate(self, profile: Profile, kept: int) -> Profile:
         """``profile`` with its backward and recompute times per forward time, where measured.
@@ -309,10 +323,7 @@ class BackwardClock:
         start, end = self.marks.get(layer.index), self.marks.get(layer.index - 1)
         if start is None or end is None or not layer.planned or layer.forward_seconds <= 0:
             return None
-        if self.device.type == "cpu":
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return _seconds_between(self.device, start, end)
 
 
 def measure_copies(engine: CopyEngine, nbytes: int, repeats: int = 3) -> CopyProfile:
