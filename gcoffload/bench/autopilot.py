@@ -60,15 +60,18 @@ def run(
     for name, options in BASELINES.items():
         advance(f"{config.label} {name}")
         rows.append(_measure(name, stack, step, inputs, output_grad, device, warmup, steps, options))
+    free = common.free_bytes(device)
     for fraction in FRACTIONS:
         budget = int(least.peak_bytes + fraction * (most.peak_bytes - least.peak_bytes))
+        if free is not None:  # the stack was sized for plain checkpointing, not for keeping everything
+            budget = min(budget, free * 4 // 5)
         name = f"autopilot {fraction:.0%}"
         advance(f"{config.label} {name}")
         options = {"memory_budget": budget, "min_offload_bytes": 0}
         # Untimed: the first pass, the profile step, and the step that makes the final plan.
         rows.append(_measure(name, stack, step, inputs, output_grad, device, max(warmup, 3), steps, options))
     for row in rows:
-        if row["peak_bytes"] is not None:
+        if row.get("peak_bytes") is not None:
             row["peak_less_gradients_bytes"] = row["peak_bytes"] - gradient_bytes
     return {
         "config": {
@@ -98,12 +101,16 @@ def _measure(
     options: dict[str, Any],
 ) -> dict[str, Any]:
     with wrap_layers(stack, **options) as wrapped:
-        times = common.time_steps(step, device, warmup=warmup, steps=steps)
-        stack.zero_grad(set_to_none=True)
-        inputs.grad = None
-        memory = common.memory_of_step(
-            device, lambda: run_stack(stack, inputs), lambda output: output.backward(output_grad)
-        )
+        try:
+            times = common.time_steps(step, device, warmup=warmup, steps=steps)
+            stack.zero_grad(set_to_none=True)
+            inputs.grad = None
+            memory = common.memory_of_step(
+                device, lambda: run_stack(stack, inputs), lambda output: output.backward(output_grad)
+            )
+        except torch.OutOfMemoryError:
+            stack.zero_grad(set_to_none=True)
+            return {"run": name, "oom": True, "noisy": None}
         plan = wrapped.plan
     row: dict[str, Any] = {
         "run": name,
@@ -144,6 +151,8 @@ def report(result: dict[str, Any]) -> str:
     rows = [
         {**row, "modes": ", ".join(f"{count} {mode}" for mode, count in row["modes"].items())}
         if "modes" in row
+        else {**row, "modes": "out of memory"}
+        if row.get("oom")
         else row
         for row in result["runs"]
     ]
