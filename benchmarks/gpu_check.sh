@@ -4,7 +4,8 @@
 # and a part returns at most 8 files.
 #
 #   bash benchmarks/gpu_check.sh a   build, CUDA tests, copy bandwidth, Llama-1B-like stacks
-#   bash benchmarks/gpu_check.sh b   Llama-8B-like stacks at 1x4096 and 4x2048, the transformers step
+#   bash benchmarks/gpu_check.sh b   Llama-8B-like stacks at 1x4096 and 4x2048, the transformers step,
+#                                    the autopilot at three budgets and the host cost per layer
 #   bash benchmarks/gpu_check.sh c   the Llama-8B-like stack at 1x16384
 #
 # Run from the repository root, with the torch of the machine (no install needed:
@@ -69,6 +70,7 @@ case "$part" in
   b)
     bench stacks-8b-short 300 --scenarios stack --shapes llama-8b-like --tokens 1x4096 4x2048
     bench hf 100 --scenarios hf
+    bench autopilot 120 --scenarios autopilot host
     ;;
   c)
     bench stacks-8b-long 400 --scenarios stack --shapes llama-8b-like --tokens 1x16384
