@@ -47,6 +47,8 @@ class MemoryBudget:
     def parse(cls, value: object) -> MemoryBudget:
         """Reads ``memory_budget=``: an int of bytes, ``"20GiB"``/``"512MB"``, a float in (0, 1], ``"auto"``.
 
+        A string holds any of them (``"0.5"`` is a fraction, ``"1024"`` bytes), as a command line gives them.
+
         Raises:
             ValueError: anything else, with what is accepted.
         """
@@ -61,7 +63,10 @@ class MemoryBudget:
                 return cls(auto=True)
             match = _SIZE.match(value)
             if match is not None and match.group(2).lower() in _UNITS:
-                return cls(nbytes=int(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+                number = float(match.group(1))
+                if not match.group(2) and "." in match.group(1):  # "0.5" from a command line: a fraction
+                    return cls.parse(number)
+                return cls(nbytes=int(number * _UNITS[match.group(2).lower()]))
         raise ValueError(
             f"memory_budget must be bytes (an int >= 0), a size such as '20GiB' or '512MB', a fraction of "
             f"the device's memory in (0, 1] such as 0.5, or 'auto' (free memory minus "

@@ -313,7 +313,12 @@ class TrainingSettings:
 
 
 def prepare_model_for_training(
-    model: nn.Module, model_args: Any = None, *, options: OffloadOptions | None = None, **overrides: Any
+    model: nn.Module,
+    model_args: Any = None,
+    *,
+    options: OffloadOptions | None = None,
+    memory_budget: object = None,
+    **overrides: Any,
 ) -> nn.Module:
     """A drop-in for LLaMA-Factory's ``prepare_model_for_training``, with gcoffload's checkpointing.
 
@@ -326,6 +331,8 @@ def prepare_model_for_training(
         options: ``prefetch_depth``, ``keep_resident`` and ``min_offload_bytes``
             for the patched model (default: :class:`OffloadOptions`'s); whether
             to offload at all is ``use_unsloth_gc``'s to say.
+        memory_budget: turns on the autopilot (see :func:`patch_model`); with
+            ``use_unsloth_gc`` false it keeps or checkpoints, never offloads.
         **overrides: the same settings as keywords; they win over ``model_args``.
 
     Does, in order: casts 1-D norm weights to float32 (``upcast_layernorm``);
@@ -357,6 +364,7 @@ def prepare_model_for_training(
                 prefetch_depth=options.prefetch_depth,
                 keep_resident=options.keep_resident,
                 min_offload_bytes=options.min_offload_bytes,
+                memory_budget=memory_budget,
             )
             logger.info("gcoffload: gradient checkpointing enabled (offload=%s)", settings.use_unsloth_gc)
         else:

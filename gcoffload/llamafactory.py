@@ -25,6 +25,7 @@ import functools
 import importlib
 import sys
 
+from .budget import MemoryBudget
 from .engine import stats
 from .hf import prepare_model_for_training
 from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
@@ -36,18 +37,19 @@ __all__ = ["install", "main"]
 _MODULES = ("llamafactory.model.model_utils.checkpointing", "llamafactory.model.patcher")
 
 
-def install(options: OffloadOptions | None = None) -> None:
+def install(options: OffloadOptions | None = None, memory_budget: object = None) -> None:
     """Makes LLaMA-Factory prepare every model it loads for training with gcoffload.
 
     Args:
         options: ``prefetch_depth``, ``keep_resident`` and ``min_offload_bytes``
             (default: :class:`gcoffload.OffloadOptions`'s); LLaMA-Factory's
             ``use_unsloth_gc`` says whether to offload.
+        memory_budget: turns on the autopilot (see :func:`gcoffload.patch_model`).
 
     Raises:
         ModuleNotFoundError: LLaMA-Factory is not installed.
     """
-    prepare = functools.partial(prepare_model_for_training, options=options)
+    prepare = functools.partial(prepare_model_for_training, options=options, memory_budget=memory_budget)
     for name in _MODULES:
         importlib.import_module(name).prepare_model_for_training = prepare
 
@@ -57,6 +59,13 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
+
+
+def _memory_budget(text: str) -> MemoryBudget:
+    try:
+        return MemoryBudget.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MIN_OFFLOAD_BYTES,
         help="smaller layer inputs stay on the GPU",
     )
+    parser.add_argument(
+        "--memory-budget",
+        type=_memory_budget,
+        help="turn on the autopilot: keep, checkpoint or offload each layer, for the fastest step whose "
+        "activations fit: bytes, a size such as 20GiB, a fraction of GPU memory such as 0.5, or auto",
+    )
     parser.add_argument("command", choices=["train"], help="LLaMA-Factory's command")
     parser.add_argument("config", help="LLaMA-Factory's config file (.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value settings overriding the config file")
@@ -82,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     """``[options] train CONFIG [key=value ...]``: LLaMA-Factory's ``train``, with gcoffload."""
     arguments = _parser().parse_args(argv)
     install(
-        OffloadOptions(True, arguments.prefetch_depth, arguments.keep_resident, arguments.min_offload_bytes)
+        OffloadOptions(True, arguments.prefetch_depth, arguments.keep_resident, arguments.min_offload_bytes),
+        memory_budget=arguments.memory_budget,
     )
     from llamafactory.train.tuner import run_exp
 

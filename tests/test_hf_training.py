@@ -145,6 +145,27 @@ class TestPrepareModelForTraining:
         (checkpointer,) = checkpointers(model)
         assert checkpointer.use_reentrant is False
 
+    def test_a_memory_budget_turns_on_the_autopilot_offloading_only_with_use_unsloth_gc(self):
+        for use_unsloth_gc in (False, True):
+            model = hf_models.model("llama")
+            gcoffload.prepare_model_for_training(
+                model, LlamaFactoryArguments(use_unsloth_gc=use_unsloth_gc), memory_budget="1GiB"
+            )
+            (checkpointer,) = checkpointers(model)
+            assert checkpointer.autopilot.budget.nbytes == 2**30
+            assert checkpointer.autopilot.allow_offload is use_unsloth_gc
+            assert model.gcoffload_plan is None
+
+    def test_the_llama_factory_command_takes_a_memory_budget(self, capsys):
+        from gcoffload.llamafactory import _parser
+
+        parser = _parser()
+        assert parser.parse_args(["--memory-budget", "0.5", "train", "c.yaml"]).memory_budget.fraction == 0.5
+        assert parser.parse_args(["train", "c.yaml"]).memory_budget is None
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--memory-budget", "lots", "train", "c.yaml"])
+        assert "memory_budget must be bytes" in capsys.readouterr().err
+
     def test_unknown_settings_are_named(self):
         with pytest.raises(TypeError, match="use_unslot_gc"):
             gcoffload.prepare_model_for_training(hf_models.model("llama"), use_unslot_gc=True)
