@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .calls import flatten_arguments
 from .engine import CopyEngine
 
 __all__ = ["BackwardClock", "CopyProfile", "LayerMeter", "LayerProfile", "Profile", "measure_copies"]
@@ -245,15 +246,11 @@ def _storages(tensors: Any) -> set[int]:
     return {_storage_key(tensor) for tensor in tensors if tensor.layout == torch.strided}
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a layer's arguments or output, found the way the checkpoint paths find them."""
+    leaves: list[torch.Tensor] = []
+    flatten_arguments(value, leaves)
+    return leaves
 
 
 @contextlib.contextmanager
