@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
 # GPU validation in three parts, each sized for one command of the device tool: the
 # time limits of a part's steps add up to at most 9 minutes, of all three to under 25,
-# and a part returns at most 8 files.
+# and a part returns at most 8 files. The parts come in order of what they prove:
+# where device time allows only some of them, run a first.
 #
-#   bash benchmarks/gpu_check.sh a   build, CUDA tests, copy bandwidth, Llama-1B-like stacks
-#   bash benchmarks/gpu_check.sh b   Llama-8B-like stacks at 1x4096 and 4x2048, the transformers step,
-#                                    the autopilot at three budgets and the host cost per layer
+#   bash benchmarks/gpu_check.sh a   build, CUDA tests, copy bandwidth, Llama-1B-like stacks,
+#                                    the transformers step
+#   bash benchmarks/gpu_check.sh b   Llama-8B-like stacks at 1x4096 and 4x2048, the autopilot
+#                                    at three budgets and the host cost per layer
 #   bash benchmarks/gpu_check.sh c   the Llama-8B-like stack at 1x16384
 #
 # Run from the repository root, with the torch of the machine (no install needed:
 # the package is imported from the checkout and builds its extension on first use,
 # into .gcoffload-cache/, which later parts on the same machine reuse). Each part
-# writes into $OUT/<part>/ (default: gpu-check/) and bundles it as $OUT/<part>.tar.gz,
-# next to copies of its summaries. Each scenario runs as its own command with its
-# own time limit, so one that overruns leaves the others' results intact.
+# works in gpu-check/<part>/ and leaves in $OUT (default: gpu-check/) only what the
+# device tool brings back: the bundle <part>.tar.gz and copies of its summaries. Each
+# scenario runs as its own command with its own time limit, so one that overruns
+# leaves the others' results intact.
 set -uo pipefail
 
 part="${1:-}"
 out_root="${OUT:-gpu-check}"
-out="$out_root/$part"
+out="gpu-check/$part"
 export GCOFFLOAD_CACHE_DIR="${GCOFFLOAD_CACHE_DIR:-$PWD/.gcoffload-cache}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python="${PYTHON:-python3}"
-mkdir -p "$out"
+rm -rf "$out"
+mkdir -p "$out" "$out_root"
 status=0
 
 # step NAME SECONDS COMMAND...: runs one step under a time limit, logging into $out/NAME.log.
@@ -59,21 +63,21 @@ case "$part" in
   a | b | c)
     # Every part builds first (instant once built): the machine may be a fresh one. A
     # build cut off by its time limit would leave a lock that later steps wait on.
-    step build 120 "$python" -m gcoffload build || bundle_and_exit
+    step build 80 "$python" -m gcoffload build || bundle_and_exit
     ;;&
   a)
     step versions 30 "$python" -m gcoffload info
     step cuda-tests 110 "$python" -m pytest -m cuda -q -p no:cacheprovider tests
     bench copy 45 --scenarios copy
     bench stacks-1b 150 --scenarios stack --shapes llama-1b-like
+    bench hf 100 --scenarios hf
     ;;
   b)
     bench stacks-8b-short 300 --scenarios stack --shapes llama-8b-like --tokens 1x4096 4x2048
-    bench hf 100 --scenarios hf
     bench autopilot 120 --scenarios autopilot host
     ;;
   c)
-    bench stacks-8b-long 400 --scenarios stack --shapes llama-8b-like --tokens 1x16384
+    bench stacks-8b-long 380 --scenarios stack --shapes llama-8b-like --tokens 1x16384
     ;;
   *)
     echo "usage: $0 a|b|c" >&2
