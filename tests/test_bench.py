@@ -4,6 +4,8 @@ its options are checked up front, noisy runs say so, and its figures show what w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import json
 import subprocess
@@ -13,9 +15,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+import gcoffload
 from gcoffload.__main__ import main
 from gcoffload.bench import common, noise, plots, stack_overlap, suite
-from gcoffload.bench.decoder import LLAMA_1B, LLAMA_8B, SMOKE, build_stack
+from gcoffload.bench.decoder import LLAMA_1B, LLAMA_8B, SMOKE, build_stack, run_stack
 from gcoffload.bench.stack_overlap import StackConfig
 from gcoffload.bench.strategies import STRATEGIES
 
@@ -91,6 +94,29 @@ def test_every_strategy_computes_the_same_step():
             assert torch.equal(tensor, expected), name
 
 
+@pytest.mark.parametrize("run", ["no checkpointing", "torch checkpoint", "reentrant", "non-reentrant"])
+def test_the_timeline_tells_forward_from_recompute(run):
+    stack = build_stack(SMOKE, layers=2, device=torch.device("cpu"), dtype=torch.float32)
+    inputs = torch.randn(1, 8, SMOKE.hidden, requires_grad=True)
+    strategy = {"no checkpointing": "none", "torch checkpoint": "checkpoint"}.get(run)
+    with contextlib.ExitStack() as scope:
+        if strategy is not None:
+            forward = scope.enter_context(STRATEGIES[strategy].activate(stack))
+        else:
+            reentrant = run == "reentrant"
+            scope.enter_context(gcoffload.wrap_layers(stack, use_reentrant=reentrant, min_offload_bytes=0))
+            forward = functools.partial(run_stack, stack)
+        with gcoffload.get_engine("cpu").trace() as trace:
+            forward(inputs).sum().backward()
+    labels = [label for _, _, label in plots.compute_intervals(trace)]
+    if run == "no checkpointing":
+        assert labels == ["F0", "F1"]
+    elif run == "reentrant":
+        assert labels == ["F0", "F1", "R1", "B1", "R0", "B0"]
+    else:  # early stop: the recompute ends before the layer's end mark
+        assert labels == ["F0", "F1", "R1+B1", "R0+B0"]
+
+
 def test_exposed_copy_time_is_the_time_compute_waited_for_copies():
     def entry(op: str, start: float, end: float, nbytes: int = 0) -> dict:
         return {"op": op, "label": "", "start_ms": start, "end_ms": end, "nbytes": nbytes}
@@ -147,7 +173,7 @@ def test_timeline_intervals_come_from_the_layer_marks():
         mark("forward:0:end", 1),
         mark("forward:1:start", 1),
         mark("forward:1:end", 2),
-        {"op": "offload", "label": "", "start_ms": 1.0, "end_ms": 1.5},
+        {"op": "offload", "label": "", "start_ms": 1.0, "end_ms": 1.5, "handle_id": 1},
         mark("recompute:1:start", 3),
         mark("recompute:1:end", 4),
         mark("recompute:0:start", 6),
@@ -161,6 +187,12 @@ def test_timeline_intervals_come_from_the_layer_marks():
         (6, 7, "R0"),
         (7, 7, "B0"),
     ]
+    stopped_early = [entry for entry in trace if entry["label"] != "recompute:1:end"]
+    assert plots.compute_intervals(stopped_early)[2:] == [(3, 6, "R1+B1"), (6, 7, "R0"), (7, 7, "B0")]
+    if importlib.util.find_spec("matplotlib"):
+        (legend,) = plots.timeline(stopped_early, "step").legends
+        entries = [text.get_text() for text in legend.get_texts()]
+        assert "recompute stopped early, then backward (R+B)" in entries
 
 
 def test_stacks_are_cut_to_the_layers_that_fit_in_device_memory():

@@ -70,7 +70,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         engine = get_engine(hidden_states.device)
-        phase = "recompute" if torch.is_grad_enabled() and self.training else "forward"
+        # A layer that runs while autograd's engine executes a backward pass is being
+        # recomputed, on either checkpoint path; grad mode cannot tell (the
+        # non-reentrant path runs its forward pass with grad enabled).
+        phase = "recompute" if torch._C._current_graph_task_id() != -1 else "forward"
         engine.mark(f"{phase}:{self.index}:start")
         batch, length, _ = hidden_states.shape
         normed = self.attention_norm(hidden_states)

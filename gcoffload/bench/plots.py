@@ -14,9 +14,17 @@ if TYPE_CHECKING:
     from matplotlib.patches import Rectangle
 
 _MARK = re.compile(r"(forward|recompute):(\d+):(start|end)")
-_COLORS = {"compute": "#4c72b0", "backward": "#8fa9d6", "d2h": "#dd8452", "h2d": "#55a868", "wait": "#c44e52"}
+_COLORS = {
+    "compute": "#4c72b0",
+    "stopped_early": "#6a8cc4",
+    "backward": "#8fa9d6",
+    "d2h": "#dd8452",
+    "h2d": "#55a868",
+    "wait": "#c44e52",
+}
 _LEGEND = {
     "compute": "forward (F) / recompute (R) of a layer",
+    "stopped_early": "recompute stopped early, then backward (R+B)",
     "backward": "backward of a layer (B)",
     "d2h": "offload to host (#handle)",
     "h2d": "prefetch to device (#handle)",
@@ -37,29 +45,35 @@ def compute_intervals(trace: list[dict]) -> list[tuple[float, float, str]]:
 
     F: a layer's forward pass; R: its recompute; B: its backward, from the end
     of the recompute to the start of the next one (or the end of the trace),
-    which also holds any wait for the next layer's input.
+    which also holds any wait for the next layer's input. R+B: a recompute that
+    never reached the layer's end (non-reentrant checkpointing stops once it has
+    recomputed what backward needs), then the backward; the marks cannot tell
+    where one ends and the other begins.
     """
-    starts: dict[tuple[str, str], float] = {}
     intervals = []
-    backward_from: tuple[float, str] | None = None
+    forward_from: dict[str, float] = {}
+    backward_phase: tuple[float, str] | None = None  # the interval in progress since a recompute began
     last = max((entry["end_ms"] for entry in trace), default=0.0)
     for entry in trace:
         match = _MARK.fullmatch(entry["label"]) if entry["op"] == "mark" else None
         if match is None:
             continue
         phase, layer, edge = match.groups()
-        if edge == "start":
-            starts[(phase, layer)] = entry["start_ms"]
-            if phase == "recompute" and backward_from is not None:
-                intervals.append((backward_from[0], entry["start_ms"], backward_from[1]))
-                backward_from = None
-        elif (phase, layer) in starts:
-            label = f"F{layer}" if phase == "forward" else f"R{layer}"
-            intervals.append((starts.pop((phase, layer)), entry["start_ms"], label))
-            if phase == "recompute":
-                backward_from = (entry["start_ms"], f"B{layer}")
-    if backward_from is not None:
-        intervals.append((backward_from[0], last, backward_from[1]))
+        at = entry["start_ms"]
+        if phase == "forward":
+            if edge == "start":
+                forward_from[layer] = at
+            elif layer in forward_from:
+                intervals.append((forward_from.pop(layer), at, f"F{layer}"))
+        elif edge == "start":
+            if backward_phase is not None:
+                intervals.append((backward_phase[0], at, backward_phase[1]))
+            backward_phase = (at, f"R{layer}+B{layer}")
+        elif backward_phase is not None and backward_phase[1] == f"R{layer}+B{layer}":
+            intervals.append((backward_phase[0], at, f"R{layer}"))
+            backward_phase = (at, f"B{layer}")
+    if backward_phase is not None:
+        intervals.append((backward_phase[0], last, backward_phase[1]))
     return intervals
 
 
@@ -85,7 +99,7 @@ def timeline(trace: list[dict], title: str) -> Figure:
     legend, labelled = {}, []
     for row, (lane, intervals) in enumerate(reversed(lanes.items())):
         for start, end, label in intervals:
-            kind = "backward" if label.startswith("B") else lane
+            kind = "backward" if label.startswith("B") else "stopped_early" if "+" in label else lane
             (bar,) = axis.barh(
                 row,
                 max(end - start, min_width),
