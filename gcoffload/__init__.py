@@ -19,7 +19,7 @@ from .autopilot import Autopilot
 from .engine import CopyEngine, Handle, configure, get_engine, reset_stats, stats
 from .function import checkpoint, checkpoint_with
 from .hf import patch_model, prepare_model_for_training, unpatch_model
-from .planner import LayerPlan, Mode, Plan, plan, predict
+from .planner import LayerPlan, Mode, Plan, least_memory, plan, predict
 from .policy import LayerCheckpointer, selective_checkpoint_function
 from .profile import CopyProfile, LayerProfile, Profile
 from .saved_input import OffloadOptions
@@ -44,6 +44,7 @@ __all__ = [
     "checkpoint_with",
     "configure",
     "get_engine",
+    "least_memory",
     "patch_model",
     "plan",
     "predict",

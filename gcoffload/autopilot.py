@@ -14,7 +14,9 @@ offloaded (the least memory; the last layer is kept, which costs no more) while
 backward pass has been timed too (:class:`~gcoffload.profile.BackwardClock`),
 and the plan is made again with the measured backward time, logged once, and
 used from that pass on. A budget too small for any plan raises at the end of
-the profile step's forward pass.
+the profile step's forward pass; ``"auto"`` warns and runs in the least memory
+instead, and is read again at every pass (Note [What "auto" leaves free] in
+budget.py).
 
 Note [Shape buckets]
 ~~~~~~~~~~~~~~~~~~~~
@@ -42,14 +44,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from .budget import MemoryBudget
+from .budget import MemoryBudget, gradient_bytes_to_come
 from .engine import get_engine
-from .planner import Mode, Plan, plan
+from .planner import Mode, Plan, least_memory, plan
 from .profile import BackwardClock, CopyProfile, LayerMeter, LayerProfile, Profile, measure_copies
 from .saved_input import OffloadOptions, can_save
 
@@ -97,6 +100,9 @@ class Autopilot:
         layer_count: layers in the stack.
         on_plan: called with the plan each time another one comes into force
             (patch_model sets ``model.gcoffload_plan``).
+        parameters: the model's parameters, whose gradients still to come
+            ``memory_budget="auto"`` leaves free (Note [What "auto" leaves free]
+            in budget.py); None: none.
     """
 
     def __init__(
@@ -105,14 +111,17 @@ class Autopilot:
         options: OffloadOptions,
         layer_count: int,
         on_plan: Callable[[Plan], None] | None = None,
+        parameters: Callable[[], Iterable[torch.Tensor]] | None = None,
     ) -> None:
         self.budget = MemoryBudget.parse(memory_budget)
+        self._parameters = parameters
         self.prefetch_depth = options.prefetch_depth
         self.min_offload_bytes = options.min_offload_bytes
         self.allow_offload = options.offload
         self.layer_count = layer_count
         self.plans: dict[int, Plan] = {}  # bucket -> plan
         self.profiles: dict[int, Profile] = {}  # measured token count -> profile
+        self._planned_from: dict[int, Profile] = {}  # bucket -> the profile its plan was made from
         self.plan: Plan | None = None  # the plan of the current pass
         self._on_plan = on_plan
         self._copies: dict[tuple[torch.device, int], CopyProfile] = {}
@@ -238,19 +247,35 @@ class Autopilot:
             self.plan, self._planned = None, ()
         elif chosen is None:
             self._start_profile(bucket, tokens, hidden)
-        elif chosen is not self.plan:
-            self._set_plan(chosen)
+        else:
+            if self.budget.auto:
+                chosen = self._within_auto_budget(bucket, chosen, hidden.device)
+            if chosen is not self.plan:
+                self._set_plan(chosen)
+
+    def _within_auto_budget(self, bucket: int, chosen: Plan, device: torch.device) -> Plan:
+        """``chosen``, or a new plan if ``"auto"`` has shrunk below it (Note [What "auto" leaves free])."""
+        budget = self._budget_bytes(device)
+        if budget >= chosen.peak_bytes or budget >= chosen.budget_bytes:
+            return chosen
+        return self._adopt(bucket, self._planned_from[bucket], budget)
+
+    def _budget_bytes(self, device: torch.device) -> int:
+        still_to_come = 0
+        if self.budget.auto and self._parameters is not None:
+            still_to_come = gradient_bytes_to_come(self._parameters(), device)
+        return self.budget.resolve(device, still_to_come)
 
     def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor) -> None:
         self.plan = None
         self._planned = ()
-        self._profiling = _ProfilePass(bucket, tokens, self.budget.resolve(hidden.device))
+        self._profiling = _ProfilePass(bucket, tokens, self._budget_bytes(hidden.device))
 
     def _plan_from_larger_profile(self, bucket: int, hidden: torch.Tensor) -> Plan | None:
         larger = [tokens for tokens in self.profiles if tokens >= bucket]
         if not larger:
             return None
-        return self._adopt(bucket, self.profiles[min(larger)], self.budget.resolve(hidden.device))
+        return self._adopt(bucket, self.profiles[min(larger)], self._budget_bytes(hidden.device))
 
     def _finish_profile_if_last(self, index: int) -> None:
         if index >= self.layer_count - 1:
@@ -264,10 +289,9 @@ class Autopilot:
             for index in range(self.layer_count)
         )
         profiling.profile = Profile(layers, self._copy_profile(profiling.device, layers), profiling.tokens)
-        first = plan(
-            profiling.profile.scaled(profiling.bucket), profiling.budget, prefetch_depth=self.prefetch_depth
-        )
+        first = self._plan(profiling.profile.scaled(profiling.bucket), profiling.budget)
         self.profiles[profiling.tokens] = profiling.profile
+        self._planned_from[profiling.bucket] = profiling.profile
         self.plans[profiling.bucket] = first
         self._set_plan(first)
         self._timing_backward = profiling
@@ -291,11 +315,34 @@ class Autopilot:
         return self._copies[key]
 
     def _adopt(self, bucket: int, profile: Profile, budget: int) -> Plan:
-        new_plan = plan(profile.scaled(bucket), budget, prefetch_depth=self.prefetch_depth)
+        new_plan = self._plan(profile.scaled(bucket), budget)
+        self._planned_from[bucket] = profile
         self.plans[bucket] = new_plan
         logger.info("%s", new_plan.summary())
         self._set_plan(new_plan)
         return new_plan
+
+    def _plan(self, profile: Profile, budget: int) -> Plan:
+        """The fastest plan within ``budget``; under ``"auto"``, the least memory if nothing fits.
+
+        Raises:
+            ValueError: a budget the user gave is below the least memory the layers take.
+        """
+        try:
+            return plan(profile, budget, prefetch_depth=self.prefetch_depth)
+        except ValueError:
+            if not self.budget.auto:
+                raise
+        least = least_memory(profile, budget, prefetch_depth=self.prefetch_depth)
+        warnings.warn(
+            f"gcoffload autopilot: memory_budget='auto' leaves {budget / 2**20:.2f} MiB of device memory "
+            f"for activations at {profile.tokens} tokens per step, below the {least.peak_bytes / 2**20:.2f} "
+            "MiB the layers need in the least memory they can take; they run in it (every input that can "
+            "leave the device offloaded) and the step may run out of memory. Free device memory, or "
+            "shorten the batch.",
+            stacklevel=2,
+        )
+        return least
 
     def _set_plan(self, chosen: Plan) -> None:
         self.plan = chosen

@@ -4,17 +4,31 @@ The budget is the device memory the checkpointed layers' activations may take
 at the peak: what autograd holds from their forward to their backward pass,
 plus the backward pass's working set. Weights, gradients and optimizer states
 are not part of it.
+
+Note [What "auto" leaves free]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+``"auto"`` is read when a pass begins, when the previous step's activations
+are freed: the device's free memory (the caching allocator's unused blocks
+count as free), less a margin of 10% of the device, less the gradients still
+to come (trainable parameters without a ``.grad`` yet: after ``zero_grad()``
+they are allocated again in backward, while the activations are held).
+Optimizer states that do not exist yet (the first optimizer step comes after
+several passes under gradient accumulation) cannot be foreseen; that is why the
+autopilot reads ``"auto"`` again at the start of every pass and plans anew
+when the budget has shrunk below the plan in force (never upward, so that the
+plan does not swing with the allocator's cache).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AUTO_MARGIN", "MemoryBudget", "device_memory"]
+__all__ = ["AUTO_MARGIN", "MemoryBudget", "device_memory", "gradient_bytes_to_come"]
 
 AUTO_MARGIN = 0.1  # of the device's memory, left free under memory_budget="auto"
 _UNITS = {
@@ -73,14 +87,18 @@ class MemoryBudget:
             f"{AUTO_MARGIN:.0%}); got {value!r}"
         )
 
-    def resolve(self, device: torch.device) -> int:
-        """The budget in bytes on ``device`` (``auto`` and fractions read the device's memory now)."""
+    def resolve(self, device: torch.device, still_to_come: int = 0) -> int:
+        """The budget in bytes on ``device`` (``auto`` and fractions read the device's memory now).
+
+        ``still_to_come``: bytes the step will allocate besides the activations
+        (:func:`gradient_bytes_to_come`), left free by ``auto`` (Note [What "auto" leaves free]).
+        """
         if self.nbytes is not None:
             return self.nbytes
         free, total = device_memory(device)
         if self.fraction is not None:
             return int(total * self.fraction)
-        return max(0, free - int(total * AUTO_MARGIN))
+        return max(0, free - int(total * AUTO_MARGIN) - still_to_come)
 
     def __str__(self) -> str:
         if self.nbytes is not None:
@@ -105,6 +123,23 @@ def device_memory(device: torch.device) -> tuple[int, int]:
             "give memory_budget in bytes"
         ) from None
     return free + max(cached, 0), total
+
+
+def gradient_bytes_to_come(parameters: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Bytes of the gradients that trainable ``parameters`` on ``device`` will get but have not yet.
+
+    A parameter sharded as a DTensor (FSDP2) counts its local shard.
+    """
+    seen: set[int] = set()
+    total = 0
+    for parameter in parameters:
+        if not parameter.requires_grad or parameter.grad is not None or id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        if local.device == device:
+            total += local.numel() * local.element_size()
+    return total
 
 
 def _host_memory() -> tuple[int, int]:

@@ -108,7 +108,9 @@ def patch_model(
         memory_budget: turns on the autopilot (see :func:`gcoffload.wrap_layers`):
             per decoder layer, keep, checkpoint or offload, for the fastest
             step whose activations fit the budget (bytes, ``"20GiB"``, a
-            fraction of device memory, or ``"auto"``). The plan in force is
+            fraction of device memory, or ``"auto"``: free device memory minus
+            10% and the model's gradients still to come, read at every
+            pass). The plan in force is
             ``model.gcoffload_plan``; each new plan is logged once (logger
             ``gcoffload.autopilot``, level INFO). Not with ``every_n_layers``.
 
@@ -131,7 +133,13 @@ def patch_model(
     options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
     layers = _decoder_layers(base)
     autopilot = (
-        Autopilot(memory_budget, options, len(layers), on_plan=functools.partial(_show_plan, base))
+        Autopilot(
+            memory_budget,
+            options,
+            len(layers),
+            on_plan=functools.partial(_show_plan, base),
+            parameters=base.parameters,
+        )
         if memory_budget is not None
         else None
     )

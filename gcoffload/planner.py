@@ -64,7 +64,7 @@ import torch
 
 from .profile import LayerProfile, Profile
 
-__all__ = ["LayerPlan", "Mode", "Plan", "plan", "predict"]
+__all__ = ["LayerPlan", "Mode", "Plan", "least_memory", "plan", "predict"]
 
 _RESOLUTION = 8192
 
@@ -259,6 +259,13 @@ def predict(
     return _assemble(profile, model, chosen, memory_budget)
 
 
+def least_memory(profile: Profile, memory_budget: int = 0, *, prefetch_depth: int = 1) -> Plan:
+    """The plan of the least memory the layers can take: every input that can leave the device offloaded."""
+    model = _Model(profile, _check_depth(prefetch_depth))
+    least = tuple(model.allowed(layer)[-1] for layer in profile.layers)
+    return _assemble(profile, model, least, memory_budget)
+
+
 def _assemble(profile: Profile, model: _Model, modes: tuple[Mode, ...], budget: int) -> Plan:
     count = len(modes)
     rows: list[LayerPlan] = []
@@ -320,8 +327,7 @@ def plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Pl
     all_kept = _assemble(profile, model, kept, memory_budget)
     if all_kept.peak_bytes <= memory_budget:
         return all_kept
-    least = tuple(model.allowed(layer)[-1] for layer in profile.layers)
-    smallest = _assemble(profile, model, least, memory_budget)
+    smallest = least_memory(profile, memory_budget, prefetch_depth=prefetch_depth)
     if smallest.peak_bytes > memory_budget:
         raise ValueError(
             f"memory_budget of {_mib(memory_budget)} is below the {_mib(smallest.peak_bytes)} the layers "
@@ -330,7 +336,7 @@ def plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Pl
             f"{_mib(smallest.peak_bytes - smallest.held_bytes)} working set in backward). "
             "Raise the budget, or shorten the batch."
         )
-    modes = _knapsack(model, memory_budget - model.reserve(least))
+    modes = _knapsack(model, memory_budget - model.reserve(smallest.modes))
     return _assemble(profile, model, modes, memory_budget) if modes is not None else smallest
 
 

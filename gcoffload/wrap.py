@@ -103,7 +103,8 @@ def wrap_layers(
             to keep its activations, checkpoint it, or checkpoint and offload
             its input, for the fastest step whose activations fit: bytes, a
             size such as ``"20GiB"``, a fraction of the device's memory such as
-            ``0.5``, or ``"auto"`` (free device memory minus 10%). The first
+            ``0.5``, or ``"auto"`` (free device memory minus 10% and the
+            stack's gradients still to come, read at every pass). The first
             step at each new input size is a profile step (see
             :mod:`gcoffload.autopilot`); ``WrappedLayers.plan`` is the plan in
             force. Not with ``every_n_layers``.
@@ -138,7 +139,10 @@ def wrap_layers(
         raise ValueError("layers contains the same module twice")
 
     options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
-    autopilot = Autopilot(memory_budget, options, len(modules)) if memory_budget is not None else None
+    autopilot = None
+    if memory_budget is not None:
+        stack = nn.ModuleList(modules)
+        autopilot = Autopilot(memory_budget, options, len(modules), parameters=stack.parameters)
     checkpointer = LayerCheckpointer(
         options,
         only_trainable=only_trainable,

@@ -220,6 +220,67 @@ def test_bad_budgets_are_refused_before_anything_changes(arguments, error, messa
     assert model.layers[0].forward == forward
 
 
+@pytest.fixture
+def device_memory(monkeypatch) -> dict[str, int]:
+    """The free and total bytes ``"auto"`` reads, set by the test (the CPU's move with the machine)."""
+    memory = {"free": 0, "total": 1 << 40}
+    monkeypatch.setattr(gcoffload.budget, "device_memory", lambda device: (memory["free"], memory["total"]))
+    return memory
+
+
+def auto_margin(memory: dict[str, int]) -> int:
+    return int(memory["total"] * gcoffload.budget.AUTO_MARGIN)
+
+
+@pytest.mark.parametrize("zero_grad", [True, False])
+def test_auto_leaves_the_gradients_still_to_come_free(device_memory, zero_grad):
+    model = BareStack(layers=3)
+    model.layers[0].requires_grad_(False)  # frozen: no gradient to come
+    wrapped = gcoffload.wrap_layers(model.layers, memory_budget="auto", min_offload_bytes=0)
+    device_memory["free"] = auto_margin(device_memory) + (64 << 20)
+    inputs = torch.randn(2, 32, 64)
+    step(model, inputs)  # the first pass
+    if zero_grad:
+        model.zero_grad(set_to_none=True)
+    step(model, inputs)  # the profile step reads the budget
+    to_come = sum(p.numel() * p.element_size() for p in model.layers[1:].parameters()) if zero_grad else 0
+    assert to_come > 0 or not zero_grad
+    assert wrapped.plan.budget_bytes == (64 << 20) - to_come
+
+
+def test_auto_plans_anew_when_free_memory_shrinks_and_never_upward(device_memory, caplog):
+    model = BareStack(layers=4)
+    wrapped = gcoffload.wrap_layers(model.layers, memory_budget="auto", min_offload_bytes=0)
+    engine = gcoffload.get_engine("cpu")
+    margin = auto_margin(device_memory)
+    device_memory["free"] = margin + (1 << 36)
+    inputs = torch.randn(4, 128, 64)
+    for _ in range(3):  # the first pass, the profile step, a planned step; gradients stay allocated
+        step(model, inputs)
+    all_kept = wrapped.plan
+    assert set(all_kept.modes) == {Mode.KEEP}
+    profile, low, high = least_and_most(wrapped)
+
+    device_memory["free"] = margin + (low + high) // 2  # say, optimizer states appeared
+    with caplog.at_level(logging.INFO, logger="gcoffload.autopilot"):
+        step(model, inputs)
+    shrunk = wrapped.plan
+    assert shrunk.budget_bytes == (low + high) // 2 and low <= shrunk.peak_bytes <= shrunk.budget_bytes
+    assert Mode.KEEP in shrunk.modes and set(shrunk.modes) != {Mode.KEEP}, "a mixed plan"
+    assert engine.last_step()["offloads"] == shrunk.modes.count(Mode.OFFLOAD), "used in that very step"
+    assert len([r for r in caplog.records if "gcoffload plan for" in r.getMessage()]) == 1
+
+    device_memory["free"] = margin + 2 * high  # memory comes back: the plan stays
+    step(model, inputs)
+    assert wrapped.plan is shrunk
+
+    device_memory["free"] = margin + low // 2  # below the least memory: a warning, and the least memory
+    with pytest.warns(UserWarning, match=r"memory_budget='auto' leaves \d+\.\d\d MiB .* least memory"):
+        step(model, inputs)
+    assert wrapped.plan.modes == gcoffload.least_memory(profile).modes
+    assert engine.last_step()["offloads"] == wrapped.plan.modes.count(Mode.OFFLOAD) > 0
+
+
 def test_budget_strings_and_fractions():
     from gcoffload.budget import MemoryBudget, device_memory
 
@@ -257,6 +318,19 @@ def test_patch_model_with_a_budget_plans_a_peft_lora_model_and_matches_stock():
     assert (stats["kept_layers"], stats["checkpointed_layers"], stats["offloads"]) == (2, 6, 4)
     gcoffload.unpatch_model(model)
     assert not hasattr(model.get_base_model(), "gcoffload_plan")
+
+
+def test_patch_model_with_auto_leaves_the_whole_models_gradients_still_to_come_free(device_memory):
+    hf_models = pytest.importorskip("hf_models")
+    model = hf_models.lora(hf_models.model("llama", layers=2), "llama")
+    model.get_base_model().lm_head.requires_grad_(True)  # trainable outside the decoder layers
+    gcoffload.patch_model(model, memory_budget="auto", min_offload_bytes=0)
+    device_memory["free"] = auto_margin(device_memory) + (256 << 20)
+    ids = hf_models.batch(size=2, length=16)
+    for seed in range(2):  # the first pass, the profile step; each begins with zero_grad(set_to_none=True)
+        hf_models.loss_and_grads(model, ids, seed=seed)
+    to_come = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert model.gcoffload_plan.budget_bytes == (256 << 20) - to_come
 
 
 class MatmulLayer(nn.Module):
