@@ -115,8 +115,13 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     if device.type == "cpu":
         return _host_memory()
     try:
-        free, total = torch.accelerator.get_memory_info(device)
-        cached = torch.accelerator.memory_reserved(device) - torch.accelerator.memory_allocated(device)
+        if hasattr(torch.accelerator, "get_memory_info"):
+            free, total = torch.accelerator.get_memory_info(device)
+            cached = torch.accelerator.memory_reserved(device) - torch.accelerator.memory_allocated(device)
+        else:  # torch before 2.10: the device's own module (torch.cuda, torch.xpu)
+            module = torch.get_device_module(device.type)
+            free, total = module.mem_get_info(device)
+            cached = module.memory_reserved(device) - module.memory_allocated(device)
     except (RuntimeError, AttributeError, NotImplementedError) as error:
         raise ValueError(
             f"memory_budget: the free memory of {device} cannot be read ({error}); "

@@ -294,6 +294,15 @@ def test_budget_strings_and_fractions():
     assert MemoryBudget.parse("auto").resolve(cpu) <= free
 
 
+def test_free_memory_is_read_where_torch_has_no_device_generic_memory_api(monkeypatch):
+    """torch before 2.10 has no ``torch.accelerator.get_memory_info``: the device's own module answers."""
+    monkeypatch.delattr(torch.accelerator, "get_memory_info", raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 << 30)
+    assert gcoffload.budget.device_memory(torch.device("cuda", 0)) == (4 << 30, 80 << 30)
+
+
 def test_patch_model_with_a_budget_plans_a_peft_lora_model_and_matches_stock():
     hf_models = pytest.importorskip("hf_models")
     reference = hf_models.lora(hf_models.model("llama", layers=4), "llama")
