@@ -158,6 +158,7 @@ class CopyEngine:
         self._tracing = False
         self._trace_lock = threading.Lock()
         self._counters: Counter[str] = Counter(dict.fromkeys(CHECKPOINT_COUNTERS, 0))
+        self._uncounted: Counter[str] = Counter()  # copy counts left out of stats(), see uncounted()
         self.device: torch.device = impl.device
         self._step_start = self.stats()
         self._last_step: dict[str, int] | None = None
@@ -237,13 +238,31 @@ class CopyEngine:
 
     def stats(self) -> dict[str, int]:
         """Copy counters since the last reset, merged with the checkpoint counters."""
-        return {**self._impl.stats(), **self._counters}
+        copies = self._impl.stats()
+        return {**{name: value - self._uncounted[name] for name, value in copies.items()}, **self._counters}
 
     def reset_stats(self) -> None:
         """Zeroes the counters; :meth:`last_step` keeps the last finished step."""
         self._impl.reset_stats()
         self._counters = Counter(dict.fromkeys(CHECKPOINT_COUNTERS, 0))
+        self._uncounted = Counter()
         self._step_start = self.stats()
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Leaves the copies issued inside the block out of :meth:`stats` and :meth:`last_step`.
+
+        For copies that are not a model's, such as the autopilot's bandwidth
+        measurement. Copies other threads issue on this engine meanwhile are
+        left out too.
+        """
+        before = self._impl.stats()
+        try:
+            yield
+        finally:
+            for name, value in self._impl.stats().items():
+                if name not in GAUGES:
+                    self._uncounted[name] += value - before[name]
 
     def last_step(self) -> dict[str, int] | None:
         """The counters of the last finished training step, None before the first one.

@@ -327,9 +327,14 @@ def measure_copies(engine: CopyEngine, nbytes: int, repeats: int = 3) -> CopyPro
     """Times the engine's copies of ``nbytes`` (best of ``repeats``): out, back, and both at once.
 
     Goes through the engine itself (its pool, streams and events), so the
-    figures are what a checkpointed layer's copies get.
+    figures are what a checkpointed layer's copies get; they are left out of
+    the engine's counters.
     """
-    nbytes = max(nbytes, 1 << 16)
+    with engine.uncounted():
+        return _time_copies(engine, max(nbytes, 1 << 16), repeats)
+
+
+def _time_copies(engine: CopyEngine, nbytes: int, repeats: int) -> CopyProfile:
     device = engine.device
     outgoing = torch.empty(nbytes, dtype=torch.uint8, device=device)
     returning = torch.empty(nbytes, dtype=torch.uint8, device=device)

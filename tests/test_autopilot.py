@@ -189,6 +189,19 @@ def test_plans_are_cached_per_shape_bucket_and_logged_once_each(caplog):
     assert bucket_tokens(128) == 128 and bucket_tokens(129) == 153 and bucket_tokens(1) == 1
 
 
+def test_the_profile_steps_copy_measurement_stays_out_of_the_counters():
+    model = BareStack(layers=3)
+    gcoffload.wrap_layers(model.layers, memory_budget=1 << 40, min_offload_bytes=0)
+    engine = gcoffload.get_engine("cpu")
+    engine.reset_stats()
+    inputs = torch.randn(2, 32, 64)
+    step(model, inputs)  # the first pass offloads every input
+    step(model, inputs)  # the profile step all but the last, and measures the copy bandwidth
+    stats = engine.stats()
+    assert stats["offloads"] == stats["fetches"] == 3 + 2
+    assert engine.last_step()["offloads"] == 2
+
+
 def test_an_explicit_profile_call_measures_again_and_returns_the_plan():
     model = BareStack(layers=2)
     wrapped = gcoffload.wrap_layers(model.layers, memory_budget=1 << 40)

@@ -498,3 +498,20 @@ def test_configure_applies_to_live_engines_and_is_reported():
 def test_get_engine_returns_one_engine_per_device():
     assert gcoffload.get_engine("cpu") is gcoffload.get_engine(torch.device("cpu"))
     assert "cpu" in gcoffload.stats()["engines"]
+
+
+def test_copies_inside_uncounted_stay_out_of_the_counters(make_engine):
+    engine = make_engine()
+    engine.fetch(engine.offload(torch.randn(100)))
+    with engine.uncounted():
+        engine.fetch(engine.offload(torch.randn(100)))
+        kept = engine.offload(torch.randn(50))
+    stats = engine.stats()
+    assert (stats["offloads"], stats["fetches"], stats["offloaded_bytes"]) == (1, 1, 400)
+    assert stats["live_handles"] == 1, "a gauge: what is live stays counted"
+    engine.fetch(kept)  # outside the block: counted
+    del kept
+    assert (engine.stats()["fetches"], engine.stats()["live_handles"]) == (2, 0)
+    engine.reset_stats()
+    engine.fetch(engine.offload(torch.randn(100)))
+    assert (engine.stats()["offloads"], engine.stats()["fetches"]) == (1, 1)

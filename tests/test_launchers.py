@@ -1,9 +1,10 @@
 """Real launchers, two CPU processes each: DeepSpeed ZeRO-2/3 under torchrun, accelerate launch with FSDP2.
 
 Each test launches tests/launchers/train_tiny_llama.py once. The launch trains the same tiny
-Llama three Trainer steps with stock checkpointing, with gcoffload's defaults and with
-gcoffload asked for the reentrant path; the losses and gradient norms the Trainer logged
-must be equal, bit for bit, with offloads on every rank.
+Llama three Trainer steps with stock checkpointing, with gcoffload's defaults, with
+gcoffload asked for the reentrant path and with the memory-budget autopilot; the losses
+and gradient norms the Trainer logged must be equal, bit for bit, with offloads on every
+rank.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ pytest.importorskip("accelerate")
 
 LAUNCHERS = Path(__file__).parent / "launchers"
 SCRIPT = LAUNCHERS / "train_tiny_llama.py"
-RUNS = ("stock", "gcoffload", "gcoffload-reentrant")
+RUNS = ("stock", "gcoffload", "gcoffload-reentrant", "gcoffload-autopilot")
 WORLD_SIZE = 2
 # As in train_tiny_llama.py: four decoder layers, three steps. Each step checkpoints and
 # recomputes every layer and offloads all inputs but the last (keep_resident=1).
@@ -87,6 +88,24 @@ def assert_gcoffload_matches_stock(result: dict[str, Any], expected_reentrant: d
             assert stats["live_handles"] == 0, (where, stats)
 
 
+def assert_the_autopilot_matches_stock(result: dict[str, Any]) -> None:
+    """memory_budget="auto": the first pass and the profile step offload, then every layer is kept."""
+    run = result["runs"]["gcoffload-autopilot"]
+    assert run["steps"] == result["runs"]["stock"]["steps"], "the autopilot differs from stock"
+    for index, rank in enumerate(run["ranks"]):
+        where = f"autopilot, rank {index}"
+        assert (rank["checkpoint"], rank["use_reentrant"]) == ("gcoffload", False), where
+        assert rank["plan"] == {"keep": LAYERS}, where
+        stats = rank["stats"]
+        # The first pass offloads every input (no residency window), the profile step all but the
+        # last layer's, which it keeps; the planned step keeps every layer. The profile step's
+        # bandwidth measurement is not counted.
+        assert stats["profiled_layers"] == LAYERS, (where, stats)
+        assert stats["offloads"] == LAYERS + LAYERS - 1, (where, stats)
+        assert stats["kept_layers"] == 1 + LAYERS, (where, stats)
+        assert stats["live_handles"] == 0, (where, stats)
+
+
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_deepspeed_zero_under_torchrun_matches_stock_on_both_paths(tmp_path, stage):
     pytest.importorskip("deepspeed")
@@ -98,6 +117,7 @@ def test_deepspeed_zero_under_torchrun_matches_stock_on_both_paths(tmp_path, sta
         env={"DS_ACCELERATOR": "cpu"},
     )
     assert_gcoffload_matches_stock(result, {"gcoffload": False, "gcoffload-reentrant": True})
+    assert_the_autopilot_matches_stock(result)
     for run in result["runs"].values():
         for rank in run["ranks"]:
             assert (rank["distributed_type"], rank["wrapper"]) == (
@@ -121,6 +141,7 @@ def test_accelerate_launch_with_an_fsdp2_config_takes_the_nonreentrant_path_and_
     # The default is the non-reentrant path; use_reentrant=True is switched to it, with a warning,
     # because the launcher exported ACCELERATE_USE_FSDP=true and FSDP_VERSION=2.
     assert_gcoffload_matches_stock(result, {"gcoffload": False, "gcoffload-reentrant": False})
+    assert_the_autopilot_matches_stock(result)
     for name, run in result["runs"].items():
         for rank in run["ranks"]:
             switched = [w for w in rank["gcoffload_warnings"] if "using the non-reentrant path" in w]

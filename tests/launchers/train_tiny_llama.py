@@ -3,20 +3,23 @@
 tests/test_launchers.py starts it with two processes on the CPU:
 
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 train_tiny_llama.py \\
-        --checkpointing stock gcoffload gcoffload-reentrant --deepspeed zero3.json --out result.json
+        --checkpointing stock gcoffload gcoffload-reentrant gcoffload-autopilot --deepspeed zero3.json \\
+        --out result.json
     python -m accelerate.commands.launch --config_file fsdp2.yaml --num_processes 2 train_tiny_llama.py \\
-        --checkpointing stock gcoffload gcoffload-reentrant --out result.json
+        --checkpointing stock gcoffload gcoffload-reentrant gcoffload-autopilot --out result.json
 
 Each run trains its own copy of the model with a Trainer of its own, one run after
 another in the same processes (a launch costs seconds of imports; three steps cost
 less than one). ``stock`` is transformers' non-reentrant checkpointing, the Trainer
 without gcoffload; ``gcoffload`` is ``patch_model`` with its defaults but
 ``min_offload_bytes=0`` (the layer inputs are 8 KiB); ``gcoffload-reentrant`` also
-asks for ``use_reentrant=True``. Rank 0 writes ``--out``: per run, the loss and
+asks for ``use_reentrant=True``; ``gcoffload-autopilot`` asks for
+``memory_budget="auto"`` (the host's free memory here: after its first pass and its
+profile step, every layer is kept). Rank 0 writes ``--out``: per run, the loss and
 gradient norm the Trainer logged at each step, and for each rank the engine's
-counters, the checkpoint function the decoder layers ended up with, what accelerate
-made of the launch (its distributed type, the wrapper around the model, how the
-weights are held), and the warnings gcoffload gave.
+counters, the checkpoint function the decoder layers ended up with, the autopilot's
+plan, what accelerate made of the launch (its distributed type, the wrapper around
+the model, how the weights are held), and the warnings gcoffload gave.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import transformers
 
 import gcoffload
 
-RUNS = ("stock", "gcoffload", "gcoffload-reentrant")
+RUNS = ("stock", "gcoffload", "gcoffload-reentrant", "gcoffload-autopilot")
 LAYERS = 4
 STEPS = 3
 BATCH_PER_RANK = 2
@@ -125,6 +128,8 @@ def train(
             gcoffload.patch_model(model, min_offload_bytes=0)
         elif checkpointing == "gcoffload-reentrant":
             gcoffload.patch_model(model, use_reentrant=True, min_offload_bytes=0)
+        elif checkpointing == "gcoffload-autopilot":
+            gcoffload.patch_model(model, memory_budget="auto", min_offload_bytes=0)
         # Stock asks for torch's non-reentrant checkpoint, the default from transformers 5 on (4.x
         # defaults to the reentrant one, which FSDP2 does not support). gcoffload's runs ask for
         # nothing: the option given to patch_model decides.
@@ -140,6 +145,7 @@ def train(
         "steps": record.steps,
         "stats": gcoffload.get_engine("cpu").stats(),
         **checkpoint_function(model),
+        "plan": model.gcoffload_plan.counts() if getattr(model, "gcoffload_plan", None) else None,
         "sharding": sharding(model),
         "distributed_type": str(trainer.accelerator.distributed_type),
         "wrapper": type(trainer.model_wrapped).__name__,
