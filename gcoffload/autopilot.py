@@ -116,7 +116,6 @@ class Autopilot:
         self.budget = MemoryBudget.parse(memory_budget)
         self._parameters = parameters
         self.prefetch_depth = options.prefetch_depth
-        self.min_offload_bytes = options.min_offload_bytes
         self.allow_offload = options.offload
         self.layer_count = layer_count
         self.plans: dict[int, Plan] = {}  # bucket -> plan
@@ -143,9 +142,7 @@ class Autopilot:
         """A layer call the selective rule runs plainly: noted, so that a pass begins where it should."""
         self._begin_call(index, hidden)
         if self._profiling is not None:
-            self._profiling.layers[index] = LayerProfile(
-                index, False, 0, hidden.nbytes, False, False, False, 0.0
-            )
+            self._profiling.layers[index] = LayerProfile.plain(index, hidden.nbytes)
             self._finish_profile_if_last(index)
 
     def options_for(
@@ -166,12 +163,7 @@ class Autopilot:
         profiling = self._profiling
         if profiling is None:
             return self._planned[index] if index < len(self._planned) else self._least_memory
-        offloadable = (
-            self.allow_offload
-            and can_save(hidden)
-            and hidden.is_floating_point()
-            and hidden.nbytes >= self.min_offload_bytes
-        )
+        offloadable = can_save(hidden) and self._least_memory.offloads(hidden)
         profiling.layers[index] = LayerMeter(hidden.device).measure(
             index, module, function, args, kwargs, hidden, offloadable
         )
@@ -285,8 +277,7 @@ class Autopilot:
         """The forward pass is measured: a first plan, with the usual backward time (raises if none fits)."""
         profiling, self._profiling = self._profiling, None
         layers = tuple(
-            profiling.layers.get(index, LayerProfile(index, False, 0, 0, False, False, False, 0.0))
-            for index in range(self.layer_count)
+            profiling.layers.get(index) or LayerProfile.plain(index) for index in range(self.layer_count)
         )
         profiling.profile = Profile(layers, self._copy_profile(profiling.device, layers), profiling.tokens)
         first = self._plan(profiling.profile.scaled(profiling.bucket), profiling.budget)

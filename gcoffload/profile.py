@@ -73,6 +73,11 @@ class LayerProfile:
     saves_output: bool
     forward_seconds: float
 
+    @classmethod
+    def plain(cls, index: int, input_bytes: int = 0) -> LayerProfile:
+        """A layer the planner does not plan: run plainly, or never seen by the profile step."""
+        return cls(index, False, 0, input_bytes, False, False, False, 0.0)
+
 
 @dataclass(frozen=True)
 class CopyProfile:

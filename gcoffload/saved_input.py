@@ -106,6 +106,13 @@ class OffloadOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
+    def offloads(self, tensor: torch.Tensor) -> bool:
+        """Whether a saved ``tensor`` may leave the device.
+
+        Offload must be on, and the tensor floating point and at least ``min_offload_bytes``.
+        """
+        return self.offload and tensor.is_floating_point() and tensor.nbytes >= self.min_offload_bytes
+
 
 class SavedInput:
     """One layer input: resident (``tensor``) or offloaded (``handle``).
@@ -296,7 +303,7 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
     """
     engine = get_engine(tensor.device)
     engine.count("checkpointed_layers")
-    offloads = options.offload and tensor.is_floating_point() and tensor.nbytes >= options.min_offload_bytes
+    offloads = options.offloads(tensor)
     if options.offload and not offloads:
         engine.count("kept_below_threshold")
     if offloads and capturing(engine.device):
