@@ -1,7 +1,7 @@
 """The autopilot scenario on the test suite's simulated device, for machines without a GPU.
 
 Runs ``gcoffload.bench.autopilot`` (all-checkpoint, all-offload and the
-autopilot at three budgets) on ``simdev:0`` (tests/simdevice), whose kernels
+autopilot at three budgets) on ``simdev:0`` (tools/simdevice), whose kernels
 and copies take emulated time on worker threads while the host runs ahead, as
 on a GPU, and whose caching allocator counts device memory as CUDA's does.
 Every kernel takes ``--kernel-us``; copies run at ``--copy-gbps`` each way, so
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import simdevice  # the test suite's simulated device
 
 from gcoffload.bench import autopilot, common
@@ -54,7 +54,7 @@ def main() -> None:
     result = autopilot.run(config, device, torch.float32, warmup=2, steps=args.steps)
     environment = {
         **common.environment(torch.device("cpu")),
-        "device": "simdev:0 (simulated device of tests/simdevice)",
+        "device": "simdev:0 (simulated device of tools/simdevice)",
         "kernel_us": args.kernel_us,
         "copy_gbps": args.copy_gbps,
     }
@@ -64,7 +64,7 @@ def main() -> None:
     )
     summary = (
         "# gcoffload autopilot on the simulated device\n\n"
-        f"Simulated device (tests/simdevice) on {environment['device_name']}, torch {environment['torch']}, "
+        f"Simulated device (tools/simdevice) on {environment['device_name']}, torch {environment['torch']}, "
         f"gcoffload {environment['gcoffload']}, {environment['date']}. Every kernel takes "
         f"{args.kernel_us:g} us, copies run at {args.copy_gbps:g} GB/s each way: the times show how the "
         "plans trade recompute against exposed copies, not GPU performance.\n\n"

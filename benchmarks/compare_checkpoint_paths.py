@@ -3,7 +3,7 @@
 Host cost: the bench suite's host scenario (``gcoffload.bench.host_cost``: tiny
 MLP blocks on the CPU, where a step's time is the Python and dispatcher work
 per layer, variants interleaved). Peak memory: an 8-layer stack of the same
-blocks on the test suite's simulated device (tests/simdevice), whose caching
+blocks on the test suite's simulated device (tools/simdevice), whose caching
 allocator counts device memory as CUDA's does.
 
 Run from the repository root: ``python benchmarks/compare_checkpoint_paths.py``.
@@ -23,7 +23,7 @@ import gcoffload
 from gcoffload.bench import host_cost
 from gcoffload.bench.host_cost import MLPBlock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import simdevice  # the test suite's simulated device
 
 VARIANTS = ("torch-reentrant", "torch-nonreentrant", "gcoffload-reentrant", "gcoffload-nonreentrant")
@@ -36,7 +36,9 @@ class CheckpointedStack(nn.Module):
         self.variant = variant
         if variant.startswith("gcoffload"):
             gcoffload.wrap_layers(
-                self.layers, use_reentrant=variant.endswith("-reentrant"), min_offload_bytes=0
+                self.layers,
+                gcoffload.OffloadOptions(min_offload_bytes=0),
+                use_reentrant=variant.endswith("-reentrant"),
             )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

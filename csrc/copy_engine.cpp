@@ -41,7 +41,15 @@ namespace gcoffload {
 // fence is done (polled on every engine call). Only when more than
 // `max_pending_` copies are outstanding does the oldest go to the allocator
 // with `recordDataPtrOnStream` on its copy stream: the allocator then reuses
-// the memory, on whichever stream owns it, only after the copy. The engine
+// the memory, on whichever stream owns it, only after the copy. A handle
+// released before its offload copy is done (its autograd graph was dropped:
+// an exception, a skipped step) hands its source to the allocator the same
+// way at once, so the memory is not held until the next engine call.
+// The reference kept is a detached alias of the source: its storage, never
+// the caller's tensor. That tensor carries its autograd history (the
+// previous layers' graph), which would keep the graph, its saved inputs and
+// their host buffers alive until the next poll after a dropped graph. The
+// engine
 // cannot name the owning stream (the device-generic API does not say which
 // stream a block was allocated on, and it need not be the caller's current
 // stream), and it does not have to: the allocator knows. The compute stream
@@ -315,7 +323,8 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
 
   Fence::record(compute_stream()).block(d2h_stream_);
   if (has_streams_ && handle->placement_ == Handle::Placement::Pageable) {
-    handle->d2h_done_ = copy_on_worker(d2h_stream_, handle->host_, source);
+    handle->d2h_done_ =
+        copy_on_worker(d2h_stream_, handle->host_, source.detach());
   } else {
     const Fence start = tracing_ ? Fence::record(d2h_stream_, true) : Fence();
     {
@@ -325,7 +334,7 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
     handle->d2h_done_ = Fence::record(d2h_stream_, tracing_);
     trace("offload", "d2h", handle.get(), start, handle->d2h_done_);
   }
-  keep_until_done(std::move(source), handle->d2h_done_, d2h_stream_, dropped);
+  keep_until_done(source, handle->d2h_done_, d2h_stream_, handle->id_, dropped);
   stats_.offloads += 1;
   stats_.offloaded_bytes += handle->nbytes_;
   return handle;
@@ -456,7 +465,16 @@ void CopyEngine::release_locked(
   stats_.live_handles -= 1;
   if (state == Handle::State::Prefetched) {
     keep_until_done(
-        std::move(handle.device_), handle.h2d_done_, h2d_stream_, dropped);
+        handle.device_, handle.h2d_done_, h2d_stream_, handle.id_, dropped);
+  } else if (state == Handle::State::Offloaded) {
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->handle_id == handle.id_ && !it->fence.is_host_signal()) {
+        hand_off(*it, dropped);
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
   if (handle.block_) {
     const Fence& last_use = state == Handle::State::Prefetched
@@ -470,29 +488,35 @@ void CopyEngine::release_locked(
 }
 
 void CopyEngine::keep_until_done(
-    at::Tensor tensor,
+    const at::Tensor& tensor,
     Fence fence,
     const c10::Stream& copy_stream,
+    int64_t handle_id,
     std::vector<at::Tensor>& dropped) {
   // See Note [Source lifetime].
   if (fence.done()) {
-    dropped.push_back(std::move(tensor));
     return;
   }
-  pending_.push_back(Pending{std::move(tensor), std::move(fence), copy_stream});
+  pending_.push_back(
+      Pending{tensor.detach(), std::move(fence), copy_stream, handle_id});
   while (pending_.size() > max_pending_) {
     Pending& oldest = pending_.front();
     if (oldest.fence.is_host_signal()) {
       // A pageable copy the worker may not even have issued yet.
       oldest.fence.synchronize();
+      dropped.push_back(std::move(oldest.tensor));
     } else {
-      c10::impl::VirtualGuardImpl(device_.type())
-          .recordDataPtrOnStream(oldest.tensor.storage().data_ptr(), oldest.copy_stream);
+      hand_off(oldest, dropped);
     }
-    dropped.push_back(std::move(oldest.tensor));
     pending_.pop_front();
-    stats_.pending_handoffs += 1;
   }
+}
+
+void CopyEngine::hand_off(Pending& entry, std::vector<at::Tensor>& dropped) {
+  c10::impl::VirtualGuardImpl(device_.type())
+      .recordDataPtrOnStream(entry.tensor.storage().data_ptr(), entry.copy_stream);
+  dropped.push_back(std::move(entry.tensor));
+  stats_.pending_handoffs += 1;
 }
 
 void CopyEngine::poll_pending(std::vector<at::Tensor>& dropped) {

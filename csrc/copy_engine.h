@@ -152,6 +152,16 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   }
 
  private:
+  // The memory a copy may still read or write (a detached alias: the
+  // storage, never the caller's tensor and its autograd history), the copy's
+  // fence and stream, and the handle the copy belongs to.
+  struct Pending {
+    at::Tensor tensor;
+    Fence fence;
+    c10::Stream copy_stream;
+    int64_t handle_id;
+  };
+
   CopyEngine(c10::Device device, std::shared_ptr<PinnedPool> pool);
 
   // Raises, naming the argument, unless `offload` can copy `tensor`.
@@ -162,10 +172,14 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   // tensor that Python also knew may take the GIL.
   c10::Stream compute_stream() const;
   void keep_until_done(
-      at::Tensor tensor,
+      const at::Tensor& tensor,
       Fence fence,
       const c10::Stream& copy_stream,
+      int64_t handle_id,
       std::vector<at::Tensor>& dropped);
+  // Gives a pending entry's memory to the caching allocator, which reuses it
+  // only after the copy; see Note [Source lifetime].
+  void hand_off(Pending& entry, std::vector<at::Tensor>& dropped);
   // Queues a blocking copy on the worker; see Note [Pageable copies off the
   // compute thread].
   Fence copy_on_worker(
@@ -195,12 +209,6 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   const c10::Stream h2d_stream_;
   const std::shared_ptr<PinnedPool> pool_;
 
-  // A tensor a copy may still read or write, the copy's fence and stream.
-  struct Pending {
-    at::Tensor tensor;
-    Fence fence;
-    c10::Stream copy_stream;
-  };
 
   std::mutex mutex_;
   std::deque<Pending> pending_;

@@ -1,56 +1,38 @@
 """gcoffload: gradient checkpointing that parks layer inputs in pinned host memory.
 
-The pieces, top to bottom (a tensor's path in the forward pass):
+The layers of the package, top to bottom (a tensor's path in the forward pass):
 
-* :func:`patch_model` / :func:`prepare_model_for_training` (``gcoffload.hf``):
-  make a transformers model, PEFT and the Trainer use gcoffload.
-* :func:`wrap_layers`: the same for any stack of PyTorch layers.
-* :class:`LayerCheckpointer` (``gcoffload.policy``): which layers to checkpoint.
-* :class:`Autopilot` (``gcoffload.autopilot``): with a memory budget, keep,
-  checkpoint or offload each layer, as :func:`plan` (``gcoffload.planner``)
-  decides from a :class:`Profile` (``gcoffload.profile``).
-* :func:`checkpoint` (``gcoffload.function``): offload in forward, prefetch and
-  recompute in backward.
-* :func:`get_engine` (``gcoffload.engine``): per-device copy engine over the C++
-  pinned pool and side streams.
+* :mod:`gcoffload.integrations`: :func:`patch_model` and
+  :func:`prepare_model_for_training` make a transformers model, PEFT and the
+  Trainer use gcoffload; LLaMA-Factory's train command runs through it.
+* :mod:`gcoffload.layers`: :func:`wrap_layers` for any stack of PyTorch
+  layers; the selective rule and the per-layer checkpointer.
+* :mod:`gcoffload.autopilot`: with ``memory_budget=``, keep, checkpoint or
+  offload each layer, as the planner decides from a measured profile.
+* :mod:`gcoffload.checkpoint`: :func:`checkpoint`, offload in forward, prefetch
+  and recompute in backward; :class:`OffloadOptions`; the counters.
+* :mod:`gcoffload.engine`: :func:`get_engine`, the per-device copy engine over
+  the C++ pinned pool and side streams, built on first use.
 """
 
-from .autopilot import Autopilot
-from .engine import CopyEngine, Handle, configure, get_engine, reset_stats, stats
-from .function import checkpoint, checkpoint_with
-from .hf import patch_model, prepare_model_for_training, unpatch_model
-from .planner import LayerPlan, Mode, Plan, least_memory, plan, predict
-from .policy import LayerCheckpointer, selective_checkpoint_function
-from .profile import CopyProfile, LayerProfile, Profile
-from .saved_input import OffloadOptions
-from .wrap import WrappedLayers, wrap_layers
+from .checkpointing import OffloadOptions, checkpoint, checkpoint_with
+from .checkpointing.counters import reset_stats, stats
+from .engine import configure, get_engine
+from .integrations import patch_model, prepare_model_for_training, unpatch_model
+from .layers import WrappedLayers, wrap_layers
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Autopilot",
-    "CopyEngine",
-    "CopyProfile",
-    "Handle",
-    "LayerCheckpointer",
-    "LayerPlan",
-    "LayerProfile",
-    "Mode",
     "OffloadOptions",
-    "Plan",
-    "Profile",
     "WrappedLayers",
     "checkpoint",
     "checkpoint_with",
     "configure",
     "get_engine",
-    "least_memory",
     "patch_model",
-    "plan",
-    "predict",
     "prepare_model_for_training",
     "reset_stats",
-    "selective_checkpoint_function",
     "stats",
     "unpatch_model",
     "wrap_layers",

@@ -1,18 +1,26 @@
-"""gcoffload's command line: build the C++ extension, print the setup, run the benchmark suite."""
+"""gcoffload's command line: build the extension, print the setup, run the benchmark, run LLaMA-Factory."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 import time
 from typing import Any
 
 import torch
 
-from . import __version__, _ext, engine
-from .bench import common, suite
+from . import __version__
+from .checkpointing import counters
+from .engine import extension, registry
+
+BENCH_DESCRIPTION = (
+    "Runs the benchmark suite. On a GPU: copy bandwidth, Llama-shaped stacks under every strategy, a "
+    "transformers step, the autopilot and the host cost. Without one: a small CPU smoke run whose timings "
+    "say nothing about GPU performance. Writes results.json, summary.md and PNGs. --help lists the options."
+)
 
 
 def _version(distribution: str) -> str:
@@ -25,16 +33,14 @@ def _version(distribution: str) -> str:
 def build(args: argparse.Namespace) -> int:
     """Builds the extension now instead of on first use."""
     start = time.perf_counter()
-    _ext.load()
-    info = _ext.extension_info()
-    print(f"extension ready in {time.perf_counter() - start:.1f} s: {info.library}")
+    extension.load()
+    print(f"extension ready in {time.perf_counter() - start:.1f} s: {extension.extension_info().library}")
     return 0
 
 
 def info(args: argparse.Namespace) -> int:
-    """Prints versions, the device, the extension's state and the pool counters."""
-    extension = _ext.extension_info()
-    device = engine.get_engine().device if extension.built else None
+    """Prints versions, the device, the extension's state, the host settings and the counters so far."""
+    built = extension.extension_info()
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     report = {
         "gcoffload": __version__,
@@ -46,13 +52,9 @@ def info(args: argparse.Namespace) -> int:
         "device_name": (
             torch.cuda.get_device_name() if accelerator is not None and accelerator.type == "cuda" else None
         ),
-        "extension": {
-            "built": extension.built,
-            "path": str(extension.library),
-            "sources": str(extension.source_dir),
-        },
-        "engine_device": str(device) if device is not None else None,
-        "stats": engine.stats() if extension.built else None,
+        "extension": {"built": built.built, "path": str(built.library), "sources": str(built.source_dir)},
+        "settings": registry.settings(),
+        "stats": counters.stats(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -71,6 +73,12 @@ def _print_indented(mapping: dict[str, Any], depth: int = 0) -> None:
             print(f"{'  ' * depth}{key}: {value}")
 
 
+def _llamafactory(args: argparse.Namespace) -> int:
+    from .integrations import llamafactory
+
+    return llamafactory.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gcoffload", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -79,24 +87,41 @@ def main(argv: list[str] | None = None) -> int:
     ).set_defaults(run=build)
     info_parser = commands.add_parser(
         "info",
-        help="versions, device, extension and pool state",
-        description="Prints versions, the device, the extension's state and the pool counters.",
+        help="versions, device, extension and counters",
+        description="Prints versions, the device, the extension's state and the counters.",
     )
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of indented lines")
     info_parser.set_defaults(run=info)
+    from .bench import suite
+
     bench_parser = commands.add_parser(
         "bench",
         help="run the benchmark suite (a small smoke run without a GPU)",
-        description=common.help_text(suite.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=BENCH_DESCRIPTION,
     )
     suite.add_arguments(bench_parser)
     bench_parser.set_defaults(run=lambda args: suite.main(args, bench_parser))
+    from .integrations import llamafactory
+
+    llamafactory_parser = commands.add_parser(
+        "llamafactory",
+        help="LLaMA-Factory's train command with gcoffload's checkpointing",
+        description=llamafactory.__doc__.split("\n\n")[0],
+    )
+    llamafactory.add_arguments(llamafactory_parser)
+    llamafactory_parser.set_defaults(run=_llamafactory)
     # A subcommand's unknown arguments come back to this parser, which would answer with its own usage.
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args.run(args)
+    try:
+        status = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (`... | head`): point stdout at nothing so the exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
 
 
 if __name__ == "__main__":

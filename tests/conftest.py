@@ -9,8 +9,10 @@ import pytest
 import simdevice
 import torch
 
-from gcoffload import _ext
-from gcoffload.engine import CopyEngine, get_engine
+import gcoffload
+from gcoffload.checkpointing import counters
+from gcoffload.engine import CopyEngine, existing_engines, get_engine
+from gcoffload.engine import extension as _ext
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -93,11 +95,44 @@ def make_engine() -> Callable[..., CopyEngine]:
 
 @pytest.fixture
 def no_leaks() -> Iterator[CopyEngine]:
-    """The CPU engine with fresh counters; fails the test if it leaves a handle or a host buffer behind."""
+    """The CPU engine with fresh counters (gcoffload's all reset); fails the test if it leaves a handle
+    or a host buffer behind."""
     engine = get_engine("cpu")
     gc.collect()
-    engine.reset_stats()
+    gcoffload.reset_stats()
     yield engine
     gc.collect()
     assert engine.stats()["live_handles"] == 0, "the test leaked handles"
     assert engine._impl.pool.stats()["in_use_bytes"] == 0, "the test leaked host buffers"
+
+
+class Counted:
+    """One device's counters as :func:`gcoffload.stats` reports them, and its engine's trace."""
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+
+    def stats(self) -> dict[str, int]:
+        return gcoffload.stats()["devices"].get(str(self.device)) or dict.fromkeys(counters.LAYER_COUNTERS, 0)
+
+    def reset_stats(self) -> None:
+        gcoffload.reset_stats()
+
+    def last_step(self) -> dict[str, int] | None:
+        return counters.last_step(self.device)
+
+    @property
+    def steps(self) -> int:
+        return counters.steps(self.device)
+
+    def trace(self):
+        return gcoffload.get_engine(self.device).trace()
+
+    def synchronize(self) -> None:
+        engine = existing_engines().get(self.device)
+        if engine is not None:
+            engine.synchronize()
+
+
+def counted(device: str | torch.device = "cpu") -> Counted:
+    return Counted(device)

@@ -9,14 +9,14 @@ import time
 
 import pytest
 import torch
-from conftest import ASYNC_DEVICES
+from conftest import ASYNC_DEVICES, counted
 from held_memory import LiveStorages
 from torch import nn
 from toy_models import Block, add_lora, batch, loss_and_grads, make_pair
 
 import gcoffload
-from gcoffload import Mode
-from gcoffload.autopilot import bucket_tokens
+from gcoffload.autopilot import Mode
+from gcoffload.autopilot.plan_cache import bucket_tokens
 
 DEVICES = ["cpu", ASYNC_DEVICES[0]]  # the simulated device; CUDA has its own tests
 LAYERS = 6
@@ -40,13 +40,13 @@ def step(model: nn.Module, inputs: torch.Tensor) -> None:
     model(inputs).pow(2).mean().backward()
 
 
-def least_and_most(wrapped: gcoffload.WrappedLayers) -> tuple[gcoffload.Profile, int, int]:
+def least_and_most(wrapped: gcoffload.WrappedLayers) -> tuple[gcoffload.autopilot.Profile, int, int]:
     """The profile the first step measured, and the peaks of the least-memory and all-keep plans."""
     (profile,) = wrapped.autopilot.profiles.values()
     profile = profile.scaled(bucket_tokens(profile.tokens))
     least = ["offload" if layer.offloadable else "checkpoint" for layer in profile.layers]
-    low = gcoffload.predict(profile, least).peak_bytes
-    high = gcoffload.predict(profile, ["keep"] * len(profile.layers)).peak_bytes
+    low = gcoffload.autopilot.predict(profile, least).peak_bytes
+    high = gcoffload.autopilot.predict(profile, ["keep"] * len(profile.layers)).peak_bytes
     return profile, low, high
 
 
@@ -56,12 +56,15 @@ def test_predicted_held_bytes_equal_what_autograd_holds(device, use_reentrant):
     torch.manual_seed(0)
     template = BareStack().to(device)
     inputs = torch.randn(4, 128, 64, device=device)
-    engine = gcoffload.get_engine(device)
+    engine = counted(device)
 
-    def measured(budget: int | str) -> tuple[gcoffload.Plan, int, gcoffload.WrappedLayers]:
+    def measured(budget: int | str) -> tuple[gcoffload.autopilot.Plan, int, gcoffload.WrappedLayers]:
         model = copy.deepcopy(template)
         wrapped = gcoffload.wrap_layers(
-            model.layers, memory_budget=budget, use_reentrant=use_reentrant, min_offload_bytes=0
+            model.layers,
+            gcoffload.OffloadOptions(min_offload_bytes=0),
+            memory_budget=budget,
+            use_reentrant=use_reentrant,
         )
         step(model, inputs)  # the autopilot's first pass
         step(model, inputs)  # its profile step
@@ -99,13 +102,18 @@ def test_mixed_plans_give_the_gradients_of_no_checkpointing(device, use_reentran
     model.to(device)
     ids = batch().to(device)
     wrapped = gcoffload.wrap_layers(
-        model.layers, memory_budget=1 << 40, use_reentrant=use_reentrant, min_offload_bytes=0
+        model.layers,
+        gcoffload.OffloadOptions(min_offload_bytes=0),
+        memory_budget=1 << 40,
+        use_reentrant=use_reentrant,
     )
-    engine = gcoffload.get_engine(device)
+    engine = counted(device)
     for seed in range(4):  # the first pass, the profile step, then the mixed plan twice
         if seed == 2:
             (profile,) = wrapped.autopilot.profiles.values()
-            wrapped.autopilot.use(gcoffload.predict(profile.scaled(bucket_tokens(profile.tokens)), MIXED))
+            wrapped.autopilot.use(
+                gcoffload.autopilot.predict(profile.scaled(bucket_tokens(profile.tokens)), MIXED)
+            )
             engine.reset_stats()
         expected = loss_and_grads(reference, ids, seed=seed)
         actual = loss_and_grads(model, ids, seed=seed)
@@ -137,7 +145,7 @@ def test_a_frozen_bottom_stays_plain_and_the_rest_is_planned():
 
 def test_a_budget_below_the_minimum_says_the_minimum_and_leaks_nothing():
     model = BareStack()
-    gcoffload.wrap_layers(model.layers, memory_budget="1KiB", min_offload_bytes=0)
+    gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget="1KiB")
     inputs = torch.randn(4, 128, 64)
     step(model, inputs)  # the first pass runs in the least memory, whatever the budget
     with pytest.raises(
@@ -145,14 +153,16 @@ def test_a_budget_below_the_minimum_says_the_minimum_and_leaks_nothing():
     ):
         step(model, inputs)  # the profile step finds no plan
     stats = gcoffload.stats()
-    assert stats["engines"]["cpu"]["live_handles"] == 0
+    assert stats["devices"]["cpu"]["live_handles"] == 0
     assert stats["pools"]["cpu"]["in_use_bytes"] == 0
 
 
 def test_without_offload_the_autopilot_keeps_or_checkpoints_only():
     model = BareStack(layers=3)
-    wrapped = gcoffload.wrap_layers(model.layers, offload=False, memory_budget=1 << 40, min_offload_bytes=0)
-    engine = gcoffload.get_engine("cpu")
+    wrapped = gcoffload.wrap_layers(
+        model.layers, gcoffload.OffloadOptions(offload=False, min_offload_bytes=0), memory_budget=1 << 40
+    )
+    engine = counted("cpu")
     engine.reset_stats()
     inputs = torch.randn(4, 128, 64)
     for _ in range(3):  # the first pass, the profile step, a planned step
@@ -161,13 +171,13 @@ def test_without_offload_the_autopilot_keeps_or_checkpoints_only():
     (profile,) = wrapped.autopilot.profiles.values()
     assert not any(layer.offloadable for layer in profile.layers)
     with pytest.raises(ValueError, match="layer 0 cannot be offload"):
-        gcoffload.predict(profile, ["offload"] * 3)
+        gcoffload.autopilot.predict(profile, ["offload"] * 3)
 
 
 def test_plans_are_cached_per_shape_bucket_and_logged_once_each(caplog):
     model = BareStack(layers=3)
     wrapped = gcoffload.wrap_layers(model.layers, memory_budget="1GiB")
-    engine = gcoffload.get_engine("cpu")
+    engine = counted("cpu")
     engine.reset_stats()
 
     def run(length: int) -> int:
@@ -191,8 +201,8 @@ def test_plans_are_cached_per_shape_bucket_and_logged_once_each(caplog):
 
 def test_the_profile_steps_copy_measurement_stays_out_of_the_counters():
     model = BareStack(layers=3)
-    gcoffload.wrap_layers(model.layers, memory_budget=1 << 40, min_offload_bytes=0)
-    engine = gcoffload.get_engine("cpu")
+    gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget=1 << 40)
+    engine = counted("cpu")
     engine.reset_stats()
     inputs = torch.randn(2, 32, 64)
     step(model, inputs)  # the first pass offloads every input
@@ -237,19 +247,23 @@ def test_bad_budgets_are_refused_before_anything_changes(arguments, error, messa
 def device_memory(monkeypatch) -> dict[str, int]:
     """The free and total bytes ``"auto"`` reads, set by the test (the CPU's move with the machine)."""
     memory = {"free": 0, "total": 1 << 40}
-    monkeypatch.setattr(gcoffload.budget, "device_memory", lambda device: (memory["free"], memory["total"]))
+    monkeypatch.setattr(
+        gcoffload.autopilot.budget, "device_memory", lambda device: (memory["free"], memory["total"])
+    )
     return memory
 
 
 def auto_margin(memory: dict[str, int]) -> int:
-    return int(memory["total"] * gcoffload.budget.AUTO_MARGIN)
+    return int(memory["total"] * gcoffload.autopilot.budget.AUTO_MARGIN)
 
 
 @pytest.mark.parametrize("zero_grad", [True, False])
 def test_auto_leaves_the_gradients_still_to_come_free(device_memory, zero_grad):
     model = BareStack(layers=3)
     model.layers[0].requires_grad_(False)  # frozen: no gradient to come
-    wrapped = gcoffload.wrap_layers(model.layers, memory_budget="auto", min_offload_bytes=0)
+    wrapped = gcoffload.wrap_layers(
+        model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget="auto"
+    )
     device_memory["free"] = auto_margin(device_memory) + (64 << 20)
     inputs = torch.randn(2, 32, 64)
     step(model, inputs)  # the first pass
@@ -263,8 +277,10 @@ def test_auto_leaves_the_gradients_still_to_come_free(device_memory, zero_grad):
 
 def test_auto_plans_anew_when_free_memory_shrinks_and_never_upward(device_memory, caplog):
     model = BareStack(layers=4)
-    wrapped = gcoffload.wrap_layers(model.layers, memory_budget="auto", min_offload_bytes=0)
-    engine = gcoffload.get_engine("cpu")
+    wrapped = gcoffload.wrap_layers(
+        model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget="auto"
+    )
+    engine = counted("cpu")
     margin = auto_margin(device_memory)
     device_memory["free"] = margin + (1 << 36)
     inputs = torch.randn(4, 128, 64)
@@ -290,12 +306,12 @@ def test_auto_plans_anew_when_free_memory_shrinks_and_never_upward(device_memory
     device_memory["free"] = margin + low // 2  # below the least memory: a warning, and the least memory
     with pytest.warns(UserWarning, match=r"memory_budget='auto' leaves \d+\.\d\d MiB .* least memory"):
         step(model, inputs)
-    assert wrapped.plan.modes == gcoffload.least_memory(profile).modes
+    assert wrapped.plan.modes == gcoffload.autopilot.least_memory(profile).modes
     assert engine.last_step()["offloads"] == wrapped.plan.modes.count(Mode.OFFLOAD) > 0
 
 
 def test_budget_strings_and_fractions():
-    from gcoffload.budget import MemoryBudget, device_memory
+    from gcoffload.autopilot.budget import MemoryBudget, device_memory
 
     assert MemoryBudget.parse("20GiB").nbytes == 20 * 2**30
     assert MemoryBudget.parse("1.5 GB").nbytes == 1_500_000_000
@@ -313,23 +329,23 @@ def test_free_memory_is_read_where_torch_has_no_device_generic_memory_api(monkey
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 << 30)
-    assert gcoffload.budget.device_memory(torch.device("cuda", 0)) == (4 << 30, 80 << 30)
+    assert gcoffload.autopilot.budget.device_memory(torch.device("cuda", 0)) == (4 << 30, 80 << 30)
 
 
 def test_patch_model_with_a_budget_plans_a_peft_lora_model_and_matches_stock():
     hf_models = pytest.importorskip("hf_models")
     reference = hf_models.lora(hf_models.model("llama", layers=4), "llama")
     model = copy.deepcopy(reference)
-    gcoffload.patch_model(model, memory_budget=1 << 40, min_offload_bytes=0)
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget=1 << 40)
     assert model.gcoffload_plan is None  # before the first step
     ids = hf_models.batch(size=2, length=16)
-    engine = gcoffload.get_engine("cpu")
+    engine = counted("cpu")
     for seed in range(4):  # the first pass, the profile step, then the mixed plan twice
         if seed == 2:
             autopilot = model.get_base_model()._gcoffload_patch.autopilot
             (profile,) = autopilot.profiles.values()
             modes = ("offload", "keep", "checkpoint", "offload")
-            autopilot.use(gcoffload.predict(profile.scaled(bucket_tokens(profile.tokens)), modes))
+            autopilot.use(gcoffload.autopilot.predict(profile.scaled(bucket_tokens(profile.tokens)), modes))
             engine.reset_stats()
         hf_models.assert_same(
             hf_models.loss_and_grads(reference, ids, seed=seed),
@@ -346,7 +362,7 @@ def test_patch_model_with_auto_leaves_the_whole_models_gradients_still_to_come_f
     hf_models = pytest.importorskip("hf_models")
     model = hf_models.lora(hf_models.model("llama", layers=2), "llama")
     model.get_base_model().lm_head.requires_grad_(True)  # trainable outside the decoder layers
-    gcoffload.patch_model(model, memory_budget="auto", min_offload_bytes=0)
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget="auto")
     device_memory["free"] = auto_margin(device_memory) + (256 << 20)
     ids = hf_models.batch(size=2, length=16)
     for seed in range(2):  # the first pass, the profile step; each begins with zero_grad(set_to_none=True)
@@ -394,7 +410,9 @@ def test_predicted_step_time_is_within_15_percent_of_measured_on_the_simulated_d
         return statistics.median(times)
 
     model = copy.deepcopy(template)
-    wrapped = gcoffload.wrap_layers(model, memory_budget=1 << 40, min_offload_bytes=0)
+    wrapped = gcoffload.wrap_layers(
+        model, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget=1 << 40
+    )
     step(model, inputs)
     step(model, inputs)
     _, low, high = least_and_most(wrapped)
@@ -402,7 +420,9 @@ def test_predicted_step_time_is_within_15_percent_of_measured_on_the_simulated_d
     for fraction in (0.0, 0.5, 1.0):
         model = copy.deepcopy(template)
         wrapped = gcoffload.wrap_layers(
-            model, memory_budget=int(low + fraction * (high - low)), min_offload_bytes=0
+            model,
+            gcoffload.OffloadOptions(min_offload_bytes=0),
+            memory_budget=int(low + fraction * (high - low)),
         )
         step(model, inputs)  # the first pass
         step(model, inputs)  # the profile step; the next step makes the final plan

@@ -104,7 +104,11 @@ def test_the_timeline_tells_forward_from_recompute(run):
             forward = scope.enter_context(STRATEGIES[strategy].activate(stack))
         else:
             reentrant = run == "reentrant"
-            scope.enter_context(gcoffload.wrap_layers(stack, use_reentrant=reentrant, min_offload_bytes=0))
+            scope.enter_context(
+                gcoffload.wrap_layers(
+                    stack, gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=reentrant
+                )
+            )
             forward = functools.partial(run_stack, stack)
         with gcoffload.get_engine("cpu").trace() as trace:
             forward(inputs).sum().backward()

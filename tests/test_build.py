@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import gcoffload
-from gcoffload import _ext
 from gcoffload.__main__ import main
+from gcoffload.engine import extension as _ext
 
-LOAD = "import gcoffload; gcoffload.get_engine('cpu'); print(gcoffload._ext.extension_info().library)"
+LOAD = "import gcoffload.engine as e; e.get_engine('cpu'); print(e.extension.extension_info().library)"
 
 
 def run_python(code: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -43,7 +43,7 @@ def test_first_use_builds_once_with_two_notices_then_loads_from_the_cache(tmp_pa
     notices = first.stderr.splitlines()
     assert len(notices) == 2, first.stderr
     assert "building the C++ extension once" in notices[0] and "about a minute" in notices[0]
-    assert notices[1].startswith("gcoffload: extension built in ")
+    assert notices[1].startswith("gcoffload: the C++ extension built in ")
     library = Path(first.stdout.strip())
     assert library.is_file() and library.is_relative_to(tmp_path / "cache")
     assert f"torch-{torch.__version__}" in str(library.parent)
@@ -71,10 +71,10 @@ def test_the_build_does_not_warn_about_a_cuda_runtime_it_never_uses(tmp_path, im
     code = CUDA_TORCH_WITHOUT_GPU + (
         "import torch.utils.cpp_extension"
         if importer == "torch"
-        else "gcoffload._ext._import_cpp_extension()"
+        else "gcoffload.engine.extension._import_cpp_extension()"
     )
     if importer == "gcoffload":
-        code = "import gcoffload._ext\n" + code
+        code = "import gcoffload.engine.extension\n" + code
     result = run_python(code, env, tmp_path)
     assert result.returncode == 0, result.stderr
     # torch's own import shows the warning is there to drop.
@@ -102,11 +102,13 @@ def test_a_failed_build_quotes_the_compiler_error(tmp_path, monkeypatch):
     shutil.copytree(_ext.extension_info().source_dir, sources)
     broken = sources / "copy_engine.cpp"
     broken.write_text(broken.read_text() + "\nint gcoffload_broken_symbol = undeclared_identifier_xyz;\n")
-    monkeypatch.setattr(_ext, "_source_dir", lambda: sources)
     monkeypatch.setenv("GCOFFLOAD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("GCOFFLOAD_VERBOSE_BUILD", raising=False)
+    broken_extension = _ext.CppExtension(
+        "gcoffload", sources, _ext._SOURCES, _ext._CFLAGS, "the C++ extension"
+    )
     with pytest.raises(RuntimeError) as failure:
-        _ext._build(_ext.extension_info())
+        broken_extension.load()
     message = str(failure.value)
     assert "building the C++ extension failed" in message
     assert "undeclared_identifier_xyz" in message
@@ -137,7 +139,8 @@ def test_cli_build_and_info(tmp_path):
     assert report["torch"] == torch.__version__
     assert report["extension"]["built"] is True
     assert Path(report["extension"]["path"]).is_file()
-    assert report["stats"]["pools"], "info reports the pool counters"
+    assert report["settings"]["over_budget"] == "keep", "info reports the host settings"
+    assert report["stats"]["devices"] == {}, "info creates no engine"
 
 
 @pytest.mark.usefixtures("users_device")
@@ -145,8 +148,8 @@ def test_cli_info_prints_nested_counters_as_indented_lines(capsys):
     assert main(["info"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert not any("{" in line for line in lines), "no mapping printed on one line"
-    assert {"stats:", "  engines:", "    cpu:", "  pools:"} <= set(lines)
-    assert any(line.startswith("      offloads: ") for line in lines)
+    assert {"extension:", "settings:", "stats:", "  devices:", "  pools:"} <= set(lines)
+    assert any(line.startswith("  host_budget_bytes: ") for line in lines)
 
 
 def test_cli_errors_show_the_usage_of_the_subcommand_they_are_in(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import counted
 from toy_models import (
     HIDDEN,
     Block,
@@ -18,11 +19,11 @@ from toy_models import (
 )
 
 import gcoffload
-from gcoffload.saved_input import OffloadOptions
+from gcoffload import OffloadOptions
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
-ENGINE = gcoffload.get_engine("cpu")
+ENGINE = counted("cpu")
 EAGER = OffloadOptions(min_offload_bytes=0)  # offloads inputs of any size
 
 
@@ -46,11 +47,10 @@ def test_gradients_match_no_checkpointing_bitwise(use_reentrant, offload, prefet
     expected = loss_and_grads(reference, ids)
     with gcoffload.wrap_layers(
         model.layers,
-        offload=offload,
-        prefetch_depth=prefetch_depth,
-        keep_resident=keep_resident,
+        gcoffload.OffloadOptions(
+            offload=offload, prefetch_depth=prefetch_depth, keep_resident=keep_resident, min_offload_bytes=0
+        ),
         use_reentrant=use_reentrant,
-        min_offload_bytes=0,
     ):
         assert_same(expected, loss_and_grads(model, ids))
     stats = ENGINE.stats()
@@ -107,6 +107,7 @@ def test_extra_tensor_arguments_receive_their_gradients():
                 scale,
                 shift=shift,
                 pair=pair,
+                use_reentrant=True,
             )
         else:
             out = layer(hidden, scale, shift=shift, pair=pair)
@@ -124,7 +125,7 @@ def test_autocast_state_is_restored_for_the_recompute():
     ids = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = loss_and_grads(reference, ids)
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             assert_same(expected, loss_and_grads(model, ids))
 
 
@@ -142,7 +143,7 @@ class TestSelectivePolicy:
             layer.register_forward_hook(lambda _m, _a, out: output_requires_grad.append(out.requires_grad))
             for layer in model.layers
         ]
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             assert_same(expected, loss_and_grads(model, ids))
         for hook in hooks:
             hook.remove()
@@ -159,7 +160,7 @@ class TestSelectivePolicy:
             stack.layers[2].requires_grad_(False)
         ids = batch()
         expected = loss_and_grads(reference, ids)
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             assert_same(expected, loss_and_grads(model, ids))
         assert ENGINE.stats()["checkpointed_layers"] == 4
 
@@ -171,7 +172,7 @@ class TestSelectivePolicy:
         ids = batch()
         expected = loss_and_grads(reference, ids)
         assert all("down" in name or "up" in name for name in expected[1])
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             assert_same(expected, loss_and_grads(model, ids))
         stats = ENGINE.stats()
         assert stats["checkpointed_layers"] == 4 and stats["plain_layers"] == 0
@@ -180,7 +181,9 @@ class TestSelectivePolicy:
         _, model = make_pair(layers=3)
         model.requires_grad_(False)
         model.head.requires_grad_(True)
-        with gcoffload.wrap_layers(model.layers, only_trainable=False, min_offload_bytes=0):
+        with gcoffload.wrap_layers(
+            model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), only_trainable=False
+        ):
             loss_and_grads(model, batch())
         assert ENGINE.stats()["checkpointed_layers"] == 3
 
@@ -188,7 +191,9 @@ class TestSelectivePolicy:
         reference, model = make_pair(layers=5)
         ids = batch()
         expected = loss_and_grads(reference, ids)
-        with gcoffload.wrap_layers(model.layers, every_n_layers=2, min_offload_bytes=0):
+        with gcoffload.wrap_layers(
+            model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), every_n_layers=2
+        ):
             assert_same(expected, loss_and_grads(model, ids))
         stats = ENGINE.stats()
         assert stats["checkpointed_layers"] == 3 and stats["plain_layers"] == 2
@@ -197,7 +202,7 @@ class TestSelectivePolicy:
     def test_eval_and_no_grad_call_layers_plainly(self, mode):
         reference, model = make_pair(layers=3)
         ids = batch()
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             if mode == "eval":
                 reference.eval()
                 model.eval()
@@ -216,7 +221,8 @@ class TestSelectivePolicy:
 class TestPrefetchOrder:
     def run_traced(self, layers: int, **options) -> tuple[list[dict], dict]:
         _, model = make_pair(layers=layers)
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0, **options), ENGINE.trace() as trace:
+        options = gcoffload.OffloadOptions(min_offload_bytes=0, **options)
+        with gcoffload.wrap_layers(model.layers, options), ENGINE.trace() as trace:
             loss_and_grads(model, batch())
         return trace, ENGINE.stats()
 
@@ -243,11 +249,11 @@ class TestPrefetchOrder:
         _, stats = self.run_traced(3, keep_resident=0)
         layer_input_bytes = 2 * 16 * HIDDEN * 4
         assert stats["offloaded_bytes"] == stats["fetched_bytes"] == 3 * layer_input_bytes
-        assert gcoffload.stats()["engines"]["cpu"]["offloads"] == 3
+        assert gcoffload.stats()["devices"]["cpu"]["offloads"] == 3
 
     def test_inputs_below_the_threshold_stay_on_the_device(self):
         _, model = make_pair(layers=3)
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=1 << 30):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=1 << 30)):
             loss_and_grads(model, batch())
         stats = ENGINE.stats()
         assert stats["offloads"] == 0 and stats["kept_below_threshold"] == 3
@@ -259,7 +265,9 @@ class TestStepStats:
         _, model = make_pair(layers=4)
         layer_input_bytes = 2 * 16 * HIDDEN * 4
         steps_before = gcoffload.stats()["steps"]
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0, use_reentrant=use_reentrant):
+        with gcoffload.wrap_layers(
+            model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=use_reentrant
+        ):
             for step in range(3):
                 loss_and_grads(model, batch(seed=step))
                 last = ENGINE.last_step()
@@ -273,7 +281,7 @@ class TestStepStats:
 
     def test_a_forward_without_backward_ends_no_step(self):
         _, model = make_pair(layers=3)
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             loss_and_grads(model, batch())
             finished = ENGINE.last_step()
             steps = gcoffload.stats()["steps"]
@@ -303,7 +311,9 @@ class TestErrorsAndLifetimes:
         model = Stack(layers=5, block=RaisingBlock)
         model.layers[3].raise_on_call = 1
         with gcoffload.wrap_layers(
-            model.layers, keep_resident=0, use_reentrant=use_reentrant, min_offload_bytes=0
+            model.layers,
+            gcoffload.OffloadOptions(keep_resident=0, min_offload_bytes=0),
+            use_reentrant=use_reentrant,
         ):
             with pytest.raises(ValueError, match="layer failed") as failure:
                 loss_and_grads(model, batch())
@@ -315,7 +325,9 @@ class TestErrorsAndLifetimes:
         model = Stack(layers=5, block=RaisingBlock)
         model.layers[2].raise_on_call = 2
         with gcoffload.wrap_layers(
-            model.layers, keep_resident=0, use_reentrant=use_reentrant, min_offload_bytes=0
+            model.layers,
+            gcoffload.OffloadOptions(keep_resident=0, min_offload_bytes=0),
+            use_reentrant=use_reentrant,
         ):
             model.train()
             logits = model(batch())
@@ -328,7 +340,7 @@ class TestErrorsAndLifetimes:
         ids = batch()
         for stack in (reference, model):
             stack.zero_grad()
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             results = []
             for stack in (reference, model):
                 torch.manual_seed(0)
@@ -341,7 +353,7 @@ class TestErrorsAndLifetimes:
 
     def test_a_second_backward_without_retain_graph_is_a_clear_error(self):
         _, model = make_pair(layers=2)
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             loss = model(batch()).sum()
             loss.backward()
             with pytest.raises(RuntimeError, match="backward through the graph a second time"):
@@ -349,7 +361,9 @@ class TestErrorsAndLifetimes:
 
     def test_autograd_grad_on_the_reentrant_path_is_a_clear_error(self):
         _, model = make_pair(layers=2)
-        with gcoffload.wrap_layers(model.layers, use_reentrant=True, min_offload_bytes=0):
+        with gcoffload.wrap_layers(
+            model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=True
+        ):
             loss = model(batch()).sum()
             with pytest.raises(RuntimeError, match="use_reentrant=False"):
                 torch.autograd.grad(loss, list(model.parameters()))
@@ -362,7 +376,7 @@ class TestErrorsAndLifetimes:
         def function(positions, hidden):
             return layer(hidden) * positions[:, None]
 
-        out = gcoffload.checkpoint_with(EAGER, function, positions, hidden)
+        out = gcoffload.checkpoint_with(EAGER, function, positions, hidden, use_reentrant=True)
         out.sum().backward()
         expected = torch.autograd.grad((layer(hidden) * positions[:, None]).sum(), hidden)[0]
         assert torch.equal(hidden.grad, expected)
@@ -371,13 +385,13 @@ class TestErrorsAndLifetimes:
     def test_no_input_requiring_grad_warns_and_runs_plainly(self):
         layer = torch.nn.Linear(HIDDEN, HIDDEN)
         with pytest.warns(UserWarning, match="no tensor argument requires grad"):
-            out = gcoffload.checkpoint(layer, torch.randn(4, HIDDEN))
+            out = gcoffload.checkpoint(layer, torch.randn(4, HIDDEN), use_reentrant=True)
         out.sum().backward()
         assert layer.weight.grad is not None, "parameters still get their gradients"
 
     def test_a_function_returning_something_else_is_a_type_error(self):
         with pytest.raises(TypeError, match="must return a tensor or a tuple"):
-            gcoffload.checkpoint(lambda x: {"out": x}, torch.randn(3, requires_grad=True))
+            gcoffload.checkpoint(lambda x: {"out": x}, torch.randn(3, requires_grad=True), use_reentrant=True)
 
 
 class TestBadOptions:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import counted
 from torch import nn
 
 import gcoffload
@@ -53,7 +54,9 @@ def test_bf16_gradients_match_no_checkpointing():
     results = []
     for model, wrap in ((reference, False), (stack, True)):
         inputs.grad = None
-        wrapped = gcoffload.wrap_layers(model, min_offload_bytes=0) if wrap else None
+        wrapped = (
+            gcoffload.wrap_layers(model, gcoffload.OffloadOptions(min_offload_bytes=0)) if wrap else None
+        )
         torch.manual_seed(1)
         run(model, inputs).float().pow(2).mean().backward()
         results.append([inputs.grad.clone(), *(parameter.grad.clone() for parameter in model.parameters())])
@@ -69,10 +72,10 @@ def test_memory_held_after_forward_is_the_window_plus_the_output(keep_resident):
     stack = make_stack(layers, shape[-1], torch.bfloat16)
     inputs = torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     layer_input_bytes = inputs.nbytes
-    engine = gcoffload.get_engine(DEVICE)
+    engine = counted(DEVICE)
 
     def held_after_forward(wrap_options: dict) -> int:
-        with gcoffload.wrap_layers(stack, min_offload_bytes=0, **wrap_options):
+        with gcoffload.wrap_layers(stack, gcoffload.OffloadOptions(min_offload_bytes=0), **wrap_options):
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             output = run(stack, inputs)
@@ -92,8 +95,10 @@ def test_prefetch_of_the_previous_input_overlaps_the_current_recompute():
     layers = 6
     stack = make_stack(layers, 4096, torch.bfloat16)
     inputs = torch.randn(1, 4096, 4096, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    engine = gcoffload.get_engine(DEVICE)
-    with gcoffload.wrap_layers(stack, keep_resident=1, prefetch_depth=1, min_offload_bytes=0):
+    engine = counted(DEVICE)
+    with gcoffload.wrap_layers(
+        stack, gcoffload.OffloadOptions(keep_resident=1, prefetch_depth=1, min_offload_bytes=0)
+    ):
         run(stack, inputs).float().mean().backward()  # warm-up: pool, allocator, kernels
         torch.cuda.synchronize()
         engine.reset_stats()

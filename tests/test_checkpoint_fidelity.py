@@ -13,6 +13,7 @@ import functools
 import pytest
 import torch
 import torch.utils.checkpoint
+from conftest import counted
 from toy_models import HIDDEN, Block, add_lora, batch, loss_and_grads, make_pair
 
 import gcoffload
@@ -20,7 +21,7 @@ from gcoffload import OffloadOptions
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
-ENGINE = gcoffload.get_engine("cpu")
+ENGINE = counted("cpu")
 OFFLOADED = OffloadOptions(keep_resident=0, min_offload_bytes=0)
 RESIDENT = OffloadOptions(keep_resident=1, min_offload_bytes=0)
 NOT_OFFLOADING = OffloadOptions(offload=False)
@@ -121,7 +122,7 @@ def test_an_offloaded_input_changed_before_its_copy_was_fetched_is_caught():
     model.train()
     hidden = model.embed(batch()).detach().requires_grad_(True)
     outputs = []
-    with gcoffload.wrap_layers(model.layers, keep_resident=0, min_offload_bytes=0):
+    with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(keep_resident=0, min_offload_bytes=0)):
         layer_input = hidden * 1
         outputs.append(model.layers[0](layer_input))
         assert ENGINE.stats()["offloads"] == 1
@@ -258,7 +259,9 @@ class TestCallersTensors:
         reference.train()
         model.train()
         hidden = torch.randn(2, 16, HIDDEN)
-        with gcoffload.wrap_layers(model.layers, use_reentrant=use_reentrant, min_offload_bytes=0):
+        with gcoffload.wrap_layers(
+            model.layers, gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=use_reentrant
+        ):
             for _ in range(3):
                 expected = self.step(reference, hidden)
                 got = self.step(model, hidden)
@@ -268,7 +271,7 @@ class TestCallersTensors:
         assert ENGINE.stats()["checkpointed_layers"] == 9
 
     def test_the_selective_wrapper_around_torch_checkpoint_leaves_it_untouched(self):
-        function = gcoffload.selective_checkpoint_function(
+        function = gcoffload.layers.selective_checkpoint_function(
             functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True)
         )
         reference, model = self.lora_stack()
@@ -291,7 +294,7 @@ class TestCallersTensors:
         ids = batch()
         expected = loss_and_grads(reference, ids)
         embeddings = model.embed.weight
-        with gcoffload.wrap_layers(model.layers, min_offload_bytes=0):
+        with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(min_offload_bytes=0)):
             loss, grads = loss_and_grads(model, ids)
         assert torch.equal(loss, expected[0]) and grads.keys() == expected[1].keys()
         assert embeddings.grad is None and not embeddings.requires_grad

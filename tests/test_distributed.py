@@ -46,7 +46,11 @@ def _train_one_step_and_compare(rank: int, mode: str) -> None:
     per_shard = [loss_and_grads(reference, shard)[1] for shard in shards]
     expected = {name: sum(grads[name] for grads in per_shard) / WORLD_SIZE for name in per_shard[0]}
 
-    gcoffload.wrap_layers(model.layers, use_reentrant=(mode == "ddp-static-graph"), min_offload_bytes=0)
+    gcoffload.wrap_layers(
+        model.layers,
+        gcoffload.OffloadOptions(min_offload_bytes=0),
+        use_reentrant=(mode == "ddp-static-graph"),
+    )
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -62,7 +66,7 @@ def _train_one_step_and_compare(rank: int, mode: str) -> None:
         grad = parameter.grad
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=f"rank {rank}: {name}")
-    stats = gcoffload.get_engine("cpu").stats()
+    stats = gcoffload.stats()["devices"]["cpu"]
     assert stats["checkpointed_layers"] == 4 and stats["offloads"] == 3, stats
 
 

@@ -12,7 +12,7 @@ from conftest import DEVICES
 from torch.utils._pytree import tree_map
 
 import gcoffload
-from gcoffload import engine as engine_module
+from gcoffload.engine import host_settings as engine_module
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool, torch.complex64]
 SHAPES = [(), (1,), (3,), (1023,), (4097,), (7, 13, 5), (0,), (4, 0, 3)]
@@ -453,13 +453,11 @@ class TestBadInput:
         with pytest.raises(ValueError, match=rf"get_engine: device '{device}' is not available"):
             gcoffload.get_engine(device)
 
-    def test_count_takes_non_negative_ints_only(self, make_engine):
+    def test_reserve_names_its_argument_and_the_range(self, make_engine):
         engine = make_engine()
-        for amount in (-5, 1.5, True):
-            with pytest.raises(ValueError, match="amount must be a non-negative int"):
-                engine.count("recomputes", amount)
-        engine.count("recomputes", 2)
-        assert engine.stats()["recomputes"] == 2
+        for nbytes in (-1, 2**70, 1.5, True):
+            with pytest.raises(ValueError, match=r"reserve: nbytes must be an int from 0 to 2\*\*63 - 1"):
+                engine.reserve(nbytes)
 
     def test_a_nested_trace_is_an_error_and_leaves_the_outer_trace_intact(self, make_engine):
         engine = make_engine()
@@ -497,7 +495,7 @@ def test_configure_applies_to_live_engines_and_is_reported():
 
 def test_get_engine_returns_one_engine_per_device():
     assert gcoffload.get_engine("cpu") is gcoffload.get_engine(torch.device("cpu"))
-    assert "cpu" in gcoffload.stats()["engines"]
+    assert "cpu" in gcoffload.stats()["devices"]
 
 
 def test_copies_inside_uncounted_stay_out_of_the_counters(make_engine):

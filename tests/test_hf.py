@@ -8,14 +8,16 @@ import warnings
 import hf_models
 import pytest
 import torch
+from conftest import counted
 from hf_models import FAMILIES, assert_same, batch, decoder_layers, loss_and_grads
 
 import gcoffload
-from gcoffload.policy import LayerCheckpointer, resolve_module
+from gcoffload.checkpointing.layer_call import resolve_module
+from gcoffload.layers import LayerCheckpointer
 
 pytestmark = [pytest.mark.hf, pytest.mark.usefixtures("no_leaks")]
 
-ENGINE = gcoffload.get_engine("cpu")
+ENGINE = counted("cpu")
 
 
 def installed_functions(model: torch.nn.Module) -> set[type]:
@@ -32,9 +34,8 @@ def test_full_fine_tuning_matches_no_checkpointing(family, use_reentrant):
     reference, model = hf_models.pair(family)
     ids = batch()
     expected = loss_and_grads(reference, ids)
-    gcoffload.patch_model(model, use_reentrant=use_reentrant, min_offload_bytes=0)
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=use_reentrant)
     assert installed_functions(model) == {LayerCheckpointer}
-    assert model.config.use_cache is False
     assert_same(expected, loss_and_grads(model, ids))
     stats = ENGINE.stats()
     assert stats["checkpointed_layers"] == 4 and stats["recomputes"] == 4
@@ -47,10 +48,12 @@ def test_peft_lora_with_frozen_embeddings_matches(family, patch_first):
     reference = hf_models.lora(hf_models.model(family), family)
     base = hf_models.model(family)
     if patch_first:
-        gcoffload.patch_model(base, use_reentrant=True, min_offload_bytes=0)
+        gcoffload.patch_model(base, gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=True)
         model = hf_models.lora(base, family)
     else:
-        model = gcoffload.patch_model(hf_models.lora(base, family), use_reentrant=True, min_offload_bytes=0)
+        model = gcoffload.patch_model(
+            hf_models.lora(base, family), gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=True
+        )
     ids = batch()
     expected = loss_and_grads(reference, ids)
     assert all("lora_" in name for name in expected[1])
@@ -64,7 +67,7 @@ def test_peft_prepare_model_for_kbit_training_lands_in_gcoffload():
     reference = hf_models.lora(
         peft.prepare_model_for_kbit_training(reference, use_gradient_checkpointing=False), "llama"
     )
-    gcoffload.patch_model(base, min_offload_bytes=0)
+    gcoffload.patch_model(base, gcoffload.OffloadOptions(min_offload_bytes=0))
     prepared = peft.prepare_model_for_kbit_training(
         base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}
     )
@@ -84,7 +87,7 @@ def test_freeze_tuning_the_last_two_layers_checkpoints_only_those(family):
             layer.requires_grad_(True)
     ids = batch()
     expected = loss_and_grads(reference, ids)
-    gcoffload.patch_model(model, min_offload_bytes=0)
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0))
     assert_same(expected, loss_and_grads(model, ids))
     stats = ENGINE.stats()
     assert stats["checkpointed_layers"] == 2 and stats["plain_layers"] == 2
@@ -93,8 +96,10 @@ def test_freeze_tuning_the_last_two_layers_checkpoints_only_those(family):
 def test_the_seed_helpers_compose_into_a_checkpoint_function():
     reference = hf_models.lora(hf_models.model("llama"), "llama")
     model = hf_models.lora(hf_models.model("llama"), "llama")
-    function = gcoffload.selective_checkpoint_function(
-        gcoffload.hf.offloaded_checkpoint_function(keep_resident=0, min_offload_bytes=0)
+    function = gcoffload.layers.selective_checkpoint_function(
+        gcoffload.integrations.hf.offloaded_checkpoint_function(
+            gcoffload.OffloadOptions(keep_resident=0, min_offload_bytes=0)
+        )
     )
     model.get_base_model()._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
     ids = batch()
@@ -117,7 +122,7 @@ def test_every_n_layers_from_the_enable_call_applies():
     reference, model = hf_models.pair("llama")
     ids = batch()
     expected = loss_and_grads(reference, ids)
-    gcoffload.patch_model(model, min_offload_bytes=0)
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"every_n_layers": 2})
     assert_same(expected, loss_and_grads(model, ids))
     stats = ENGINE.stats()
@@ -204,7 +209,7 @@ class TestEntryPoints:
         with pytest.raises(TypeError, match="no transformers PreTrainedModel"):
             gcoffload.patch_model(torch.nn.Linear(2, 2))
         with pytest.raises(ValueError, match="keep_resident"):
-            gcoffload.patch_model(hf_models.model("llama"), keep_resident=-1)
+            gcoffload.patch_model(hf_models.model("llama"), gcoffload.OffloadOptions(keep_resident=-1))
         model = hf_models.model("llama")
         with pytest.raises(ValueError, match="every_n_layers"):
             gcoffload.patch_model(model, every_n_layers=0)

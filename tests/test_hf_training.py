@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import types
@@ -9,16 +10,17 @@ import types
 import hf_models
 import pytest
 import torch
+from conftest import counted
 from hf_models import batch
 
 import gcoffload
-from gcoffload.hf import TrainingSettings
-from gcoffload.policy import LayerCheckpointer
+from gcoffload.integrations.hf import TrainingSettings
+from gcoffload.layers import LayerCheckpointer
 
 pytestmark = pytest.mark.hf
 transformers = hf_models.transformers
 
-ENGINE = gcoffload.get_engine("cpu")
+ENGINE = counted("cpu")
 
 
 def train_three_steps(
@@ -40,7 +42,7 @@ def test_trainer_goes_through_gcoffload_and_matches_an_unpatched_run(tmp_path, u
     model = copy.deepcopy(reference)
     if use_peft:
         reference, model = hf_models.lora(reference, "llama"), hf_models.lora(model, "llama")
-    gcoffload.patch_model(model, min_offload_bytes=0)
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0))
     ENGINE.reset_stats()
 
     expected_losses, expected_weights = train_three_steps(reference, str(tmp_path / "reference"), False)
@@ -96,7 +98,7 @@ class TestPrepareModelForTraining:
         (checkpointer,) = checkpointers(model)
         assert isinstance(checkpointer, LayerCheckpointer)
         assert checkpointer.options.offload is False and checkpointer.use_reentrant is True
-        assert model.config.use_cache is False
+        assert model.config.use_cache is True, "the config is the model's, as stock checkpointing leaves it"
 
     def test_use_unsloth_gc_means_offload(self):
         model = hf_models.model("llama")
@@ -153,13 +155,14 @@ class TestPrepareModelForTraining:
             )
             (checkpointer,) = checkpointers(model)
             assert checkpointer.autopilot.budget.nbytes == 2**30
-            assert checkpointer.autopilot.allow_offload is use_unsloth_gc
+            assert checkpointer.options.offload is use_unsloth_gc
             assert model.gcoffload_plan is None
 
     def test_the_llama_factory_command_takes_a_memory_budget(self, capsys):
-        from gcoffload.llamafactory import _parser
+        from gcoffload.integrations.llamafactory import add_arguments
 
-        parser = _parser()
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
         assert parser.parse_args(["--memory-budget", "0.5", "train", "c.yaml"]).memory_budget.fraction == 0.5
         assert parser.parse_args(["train", "c.yaml"]).memory_budget is None
         with pytest.raises(SystemExit):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gcoffload import _ext
+from gcoffload.engine import extension as _ext
 
 pytestmark = pytest.mark.hf
 pytest.importorskip("transformers")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gcoffload
-from gcoffload import engine as engine_module
+from gcoffload.engine import host_settings as engine_module
 
 MIB = 1 << 20
 MIN_SLAB = MIB  # the smallest slab the pool grows by (PinnedPool::kMinSlabBytes)
@@ -234,11 +234,11 @@ class TestNodeBudget:
     def test_the_default_budget_is_shared_by_the_processes_of_a_node(self, monkeypatch, variable):
         half = engine_module._half_of_physical_memory()
         monkeypatch.setenv(variable, "8")
-        assert engine_module._Settings().as_dict()["host_budget_bytes"] == half // 8
+        assert engine_module.HostSettings().as_dict()["host_budget_bytes"] == half // 8
         assert engine_module.processes_on_this_node() == 8
 
     def test_a_single_process_gets_half_of_memory(self):
-        assert engine_module._Settings().as_dict()["host_budget_bytes"] == (
+        assert engine_module.HostSettings().as_dict()["host_budget_bytes"] == (
             engine_module._half_of_physical_memory()
         )
 

@@ -24,6 +24,7 @@ from test_engine import same_bytes
 from toy_models import Stack, batch, causal_mask, loss_and_grads, make_pair
 
 import gcoffload
+from gcoffload.checkpointing import counters
 
 NUMEL = 1 << 18  # 1 MiB of float32: one whole first slab of a fresh pool
 SPIN_CYCLES = 50_000_000  # some tens of ms of a busy CUDA compute stream
@@ -253,10 +254,10 @@ def test_checkpoint_gradients_equal_no_checkpointing(
         side,
         gcoffload.wrap_layers(
             model.layers,
-            prefetch_depth=prefetch_depth,
-            keep_resident=keep_resident,
+            gcoffload.OffloadOptions(
+                prefetch_depth=prefetch_depth, keep_resident=keep_resident, min_offload_bytes=0
+            ),
             use_reentrant=use_reentrant,
-            min_offload_bytes=0,
         ),
     ):
         loss, grads = loss_and_grads(model, ids)
@@ -347,13 +348,12 @@ def test_inputs_stay_on_the_device_while_the_stream_captures_a_graph(device):
     model.to(device)
     ids = batch().to(device)
     expected_loss, _ = loss_and_grads(reference, ids)
-    engine = gcoffload.get_engine(device)
-    engine.reset_stats()
-    with gcoffload.wrap_layers(model.layers, keep_resident=0, min_offload_bytes=0):
+    gcoffload.reset_stats()
+    with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(keep_resident=0, min_offload_bytes=0)):
         with simdevice.graph_capture():
             loss, _ = loss_and_grads(model, ids)
         assert torch.equal(loss.cpu(), expected_loss.cpu())
-        stats = engine.stats()
+        stats = gcoffload.stats()["devices"][device]
         assert stats["offloads"] == stats["prefetches"] == 0
         assert stats["kept_during_capture"] == 5
 
@@ -392,21 +392,20 @@ def test_each_device_has_its_own_forward_chain():
     model = copy.deepcopy(reference)
     ids = batch().to("simdev:1")
     expected_loss, expected_grads = loss_and_grads(reference, ids)
-    engines = [gcoffload.get_engine(f"simdev:{index}") for index in (0, 1)]
-    for engine in engines:
-        engine.reset_stats()
-    steps = [engine.steps for engine in engines]
-    with gcoffload.wrap_layers(model.layers, keep_resident=1, min_offload_bytes=0):
+    devices = [f"simdev:{index}" for index in (0, 1)]
+    gcoffload.reset_stats()
+    steps = [counters.steps(device) for device in devices]
+    with gcoffload.wrap_layers(model.layers, gcoffload.OffloadOptions(keep_resident=1, min_offload_bytes=0)):
         loss, grads = loss_and_grads(model, ids)
     assert torch.equal(loss.cpu(), expected_loss.cpu())
     for name, grad in grads.items():
         assert torch.equal(grad.cpu(), expected_grads[name].cpu()), name
-    for index, engine in enumerate(engines):
-        stats = engine.stats()
+    for index, device in enumerate(devices):
+        stats = gcoffload.stats()["devices"][device]
         # Two layers per device: the last stays in its device's window, the first is offloaded
         # and prefetched by the second's backward, on its own device's thread.
         assert (stats["offloads"], stats["kept_resident"], stats["prefetch_hits"]) == (1, 1, 1), (
             index,
             stats,
         )
-        assert engine.steps == steps[index] + 1, f"simdev:{index} did not end its step"
+        assert counters.steps(device) == steps[index] + 1, f"{device} did not end its step"

@@ -7,6 +7,7 @@ import copy
 import hf_models
 import pytest
 import torch
+from conftest import counted
 
 import gcoffload
 
@@ -15,7 +16,7 @@ trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
-ENGINE = gcoffload.get_engine("cpu")
+ENGINE = counted("cpu")
 LAYERS = 4
 STEPS = 3
 
@@ -51,7 +52,7 @@ def train(model: torch.nn.Module, output_dir: str) -> list[float]:
 def test_sft_trainer_with_lora_goes_through_gcoffload_and_matches_an_unpatched_run(tmp_path):
     reference = hf_models.model("llama", layers=LAYERS)
     model = copy.deepcopy(reference)
-    gcoffload.patch_model(model, min_offload_bytes=0)
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0))
     ENGINE.reset_stats()
     expected = train(reference, str(tmp_path / "reference"))
     assert ENGINE.stats()["checkpointed_layers"] == 0, "the unpatched run went through gcoffload"

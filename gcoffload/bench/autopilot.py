@@ -19,14 +19,18 @@ from typing import Any
 
 import torch
 
-from ..planner import predict
-from ..wrap import wrap_layers
+from ..autopilot.planner import predict
+from ..checkpointing.options import OffloadOptions
+from ..layers.wrap import wrap_layers
 from . import common, noise
 from .decoder import build_stack, run_stack
 from .stack_overlap import StackConfig
 
 FRACTIONS = (0.0, 0.4, 0.8)
-BASELINES = {"checkpoint": {"offload": False}, "offload": {"offload": True, "keep_resident": 0}}
+BASELINES = {
+    "checkpoint": {"options": OffloadOptions(offload=False, min_offload_bytes=0)},
+    "offload": {"options": OffloadOptions(keep_resident=0, min_offload_bytes=0)},
+}
 RUNS = len(BASELINES) + len(FRACTIONS) + 1  # and the profile that finds the budgets
 
 
@@ -48,7 +52,7 @@ def run(
         run_stack(stack, inputs).backward(output_grad)
 
     advance(f"{config.label} autopilot profile")
-    with wrap_layers(stack, memory_budget=1 << 62, min_offload_bytes=0) as wrapped:
+    with wrap_layers(stack, OffloadOptions(min_offload_bytes=0), memory_budget=1 << 62) as wrapped:
         for _ in range(2):  # the autopilot's first pass, then its profile step
             step()
         (profile,) = wrapped.autopilot.profiles.values()
@@ -67,7 +71,7 @@ def run(
             budget = min(budget, free * 4 // 5)
         name = f"autopilot {fraction:.0%}"
         advance(f"{config.label} {name}")
-        options = {"memory_budget": budget, "min_offload_bytes": 0}
+        options = {"memory_budget": budget, "options": OffloadOptions(min_offload_bytes=0)}
         # Untimed: the first pass, the profile step, and the step that makes the final plan.
         rows.append(_measure(name, stack, step, inputs, output_grad, device, max(warmup, 3), steps, options))
     for row in rows:

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from ..checkpointing.options import OffloadOptions
 from ..engine import get_engine
-from ..hf import patch_model
+from ..integrations.hf import patch_model
 from . import common, noise
 
 
@@ -65,7 +66,7 @@ def _stock_offload_supported(model: Any) -> bool:
 STRATEGIES: dict[str, Callable[[Any], None]] = {
     "hf-checkpoint": lambda model: _enable_stock(model, offload=False),
     "hf-offload": lambda model: _enable_stock(model, offload=True),
-    "gcoffload": lambda model: patch_model(model, min_offload_bytes=0),
+    "gcoffload": lambda model: patch_model(model, OffloadOptions(min_offload_bytes=0)),
 }
 
 

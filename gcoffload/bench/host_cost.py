@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..planner import predict
-from ..wrap import wrap_layers
+from ..autopilot.planner import predict
+from ..checkpointing.options import OffloadOptions
+from ..layers.wrap import wrap_layers
 from . import common, noise
 
 LAYERS = 32
@@ -69,7 +70,7 @@ def _gcoffload(use_reentrant: bool, autopilot: bool = False) -> Callable[..., An
                 hidden_states = layer(hidden_states)
             return hidden_states
 
-        options = {"offload": False, "use_reentrant": use_reentrant}
+        options: dict[str, Any] = {"options": OffloadOptions(offload=False), "use_reentrant": use_reentrant}
         if autopilot:  # every layer planned "checkpoint": the autopilot's bookkeeping on top of a checkpoint
             options = {"memory_budget": 1 << 62, "use_reentrant": use_reentrant}
         with wrap_layers(layers, **options) as wrapped:

@@ -11,7 +11,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..wrap import wrap_layers
+from ..checkpointing.options import OffloadOptions
+from ..layers.wrap import wrap_layers
 from .decoder import run_stack
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -101,7 +102,8 @@ def _gcoffload(prefetch_depth: int, keep_resident: int) -> Callable[[nn.ModuleLi
     @contextlib.contextmanager
     def activate(stack: nn.ModuleList) -> Iterator[Forward]:
         with wrap_layers(
-            stack, prefetch_depth=prefetch_depth, keep_resident=keep_resident, min_offload_bytes=0
+            stack,
+            OffloadOptions(prefetch_depth=prefetch_depth, keep_resident=keep_resident, min_offload_bytes=0),
         ):
             yield lambda hidden_states: run_stack(stack, hidden_states)
 

@@ -104,7 +104,7 @@ def checkpoint_function(model: torch.nn.Module) -> dict[str, Any]:
     """Which checkpoint the decoder layers call, and on which path."""
     functions = {getattr(layer, "_gradient_checkpointing_func", None) for layer in model.model.layers}
     (function,) = functions
-    if isinstance(function, gcoffload.LayerCheckpointer):
+    if isinstance(function, gcoffload.layers.LayerCheckpointer):
         return {"checkpoint": "gcoffload", "use_reentrant": function.use_reentrant}
     return {"checkpoint": "torch", "use_reentrant": function.keywords.get("use_reentrant", True)}
 
@@ -125,11 +125,11 @@ def train(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if checkpointing == "gcoffload":
-            gcoffload.patch_model(model, min_offload_bytes=0)
+            gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0))
         elif checkpointing == "gcoffload-reentrant":
-            gcoffload.patch_model(model, use_reentrant=True, min_offload_bytes=0)
+            gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), use_reentrant=True)
         elif checkpointing == "gcoffload-autopilot":
-            gcoffload.patch_model(model, memory_budget="auto", min_offload_bytes=0)
+            gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget="auto")
         # Stock asks for torch's non-reentrant checkpoint, the default from transformers 5 on (4.x
         # defaults to the reentrant one, which FSDP2 does not support). gcoffload's runs ask for
         # nothing: the option given to patch_model decides.

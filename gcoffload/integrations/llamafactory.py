@@ -2,14 +2,14 @@
 
 In place of ``llamafactory-cli train config.yaml``::
 
-    python -m gcoffload.llamafactory train config.yaml [key=value ...]
-    torchrun --nproc_per_node 2 -m gcoffload.llamafactory train config.yaml   # several processes
+    python -m gcoffload llamafactory train config.yaml [key=value ...]
+    torchrun --nproc_per_node 2 -m gcoffload llamafactory train config.yaml   # several processes
 
 or, in a script of your own, call :func:`install` before LLaMA-Factory loads
 the model. Either way LLaMA-Factory's gradient checkpointing (on unless
 ``disable_gradient_checkpointing: true``) goes through gcoffload, and
 ``use_unsloth_gc: true`` offloads each checkpointed layer's input to pinned
-host memory; see :func:`gcoffload.hf.prepare_model_for_training`.
+host memory; see :func:`gcoffload.prepare_model_for_training`.
 
 ``train`` runs LLaMA-Factory's trainer in this process, as each process of
 ``llamafactory-cli train`` does, and ends with one line per device saying how
@@ -25,12 +25,17 @@ import functools
 import importlib
 import sys
 
-from .budget import MemoryBudget
-from .engine import stats
+from ..autopilot.budget import MemoryBudget
+from ..checkpointing.counters import stats
+from ..checkpointing.options import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 from .hf import prepare_model_for_training
-from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
 
-__all__ = ["install", "main"]
+__all__ = ["add_arguments", "install", "main"]
+
+INSTALL_HINT = (
+    "LLaMA-Factory is not installed in this environment. Install it with `pip install llamafactory` "
+    "(its own requirements pick transformers, peft and trl versions), then run this command again."
+)
 
 # Where LLaMA-Factory defines prepare_model_for_training and where it calls it
 # (through a module-level name, looked up at each call).
@@ -41,17 +46,22 @@ def install(options: OffloadOptions | None = None, memory_budget: object = None)
     """Makes LLaMA-Factory prepare every model it loads for training with gcoffload.
 
     Args:
-        options: ``prefetch_depth``, ``keep_resident`` and ``min_offload_bytes``
-            (default: :class:`gcoffload.OffloadOptions`'s); LLaMA-Factory's
-            ``use_unsloth_gc`` says whether to offload.
+        options: how checkpointed inputs are kept, used as given; None (the
+            default): LLaMA-Factory's ``use_unsloth_gc`` says whether to offload.
         memory_budget: turns on the autopilot (see :func:`gcoffload.patch_model`).
 
     Raises:
-        ModuleNotFoundError: LLaMA-Factory is not installed.
+        ModuleNotFoundError: LLaMA-Factory is not installed; the message says how to install it.
     """
     prepare = functools.partial(prepare_model_for_training, options=options, memory_budget=memory_budget)
     for name in _MODULES:
-        importlib.import_module(name).prepare_model_for_training = prepare
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and error.name.split(".")[0] == "llamafactory":
+                raise ModuleNotFoundError(INSTALL_HINT, name="llamafactory") from None
+            raise
+        module.prepare_model_for_training = prepare
 
 
 def _non_negative(text: str) -> int:
@@ -68,18 +78,17 @@ def _memory_budget(text: str) -> MemoryBudget:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gcoffload.llamafactory",
-        description="LLaMA-Factory's train command with gcoffload's checkpointing.",
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``llamafactory`` command's options to ``parser``."""
+    tuning = parser.add_argument_group(
+        "offload tuning", "given any of these, checkpointed inputs are offloaded whatever use_unsloth_gc says"
     )
-    parser.add_argument("--prefetch-depth", type=_non_negative, default=1, help="inputs copied back ahead")
-    parser.add_argument("--keep-resident", type=_non_negative, default=1, help="last inputs kept on the GPU")
-    parser.add_argument(
+    tuning.add_argument("--prefetch-depth", type=_non_negative, help="inputs copied back ahead (default 1)")
+    tuning.add_argument("--keep-resident", type=_non_negative, help="last inputs kept on the GPU (default 1)")
+    tuning.add_argument(
         "--min-offload-bytes",
         type=_non_negative,
-        default=DEFAULT_MIN_OFFLOAD_BYTES,
-        help="smaller layer inputs stay on the GPU",
+        help=f"smaller layer inputs stay on the GPU (default {DEFAULT_MIN_OFFLOAD_BYTES})",
     )
     parser.add_argument(
         "--memory-budget",
@@ -90,30 +99,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=["train"], help="LLaMA-Factory's command")
     parser.add_argument("config", help="LLaMA-Factory's config file (.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value settings overriding the config file")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _options(arguments: argparse.Namespace) -> OffloadOptions | None:
+    tuned = {
+        name: getattr(arguments, name)
+        for name in ("prefetch_depth", "keep_resident", "min_offload_bytes")
+        if getattr(arguments, name) is not None
+    }
+    return OffloadOptions(offload=True, **tuned) if tuned else None
+
+
+def main(arguments: argparse.Namespace) -> int:
     """``[options] train CONFIG [key=value ...]``: LLaMA-Factory's ``train``, with gcoffload."""
-    arguments = _parser().parse_args(argv)
-    install(
-        OffloadOptions(True, arguments.prefetch_depth, arguments.keep_resident, arguments.min_offload_bytes),
-        memory_budget=arguments.memory_budget,
-    )
+    try:
+        install(_options(arguments), memory_budget=arguments.memory_budget)
+    except ModuleNotFoundError as error:
+        if error.name != "llamafactory":
+            raise
+        print(f"gcoffload: {error}", file=sys.stderr)
+        return 1
     from llamafactory.train.tuner import run_exp
 
     # LLaMA-Factory reads the config file and its overrides from sys.argv.
     sys.argv = [sys.argv[0], arguments.config, *arguments.overrides]
     run_exp()
-    for device, counters in stats()["engines"].items():
+    for device, counters in stats()["devices"].items():
         print(
             f"gcoffload: {device}: {counters['checkpointed_layers']} checkpointed layer calls, "
-            f"{counters['offloads']} inputs offloaded ({counters['offloaded_bytes'] / 2**20:.1f} MiB), "
-            f"{counters['prefetch_hits']} of them prefetched",
+            f"{counters.get('offloads', 0)} inputs offloaded "
+            f"({counters.get('offloaded_bytes', 0) / 2**20:.1f} MiB), "
+            f"{counters.get('prefetch_hits', 0)} of them prefetched",
             file=sys.stderr,
         )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,15 +30,29 @@ copies do not overlap compute: all of their time counts.
 
 Note [The memory model]
 ~~~~~~~~~~~~~~~~~~~~~~~
-After the forward pass a layer holds ``saved_bytes`` kept, ``input_bytes``
-checkpointed, nothing offloaded. A kept layer that saves its output and a next
-layer that holds its input on the device (checkpointed, or kept and saving its
-input) hold the same storage, counted once. That sum is exactly what autograd
-holds after forward (tests check it byte for byte). The peak adds the backward
-pass's working set: the gradient flowing through the stack (two layer inputs)
-and, if any layer is recomputed, the largest layer's saved activations (a
-recompute) plus ``prefetch_depth`` prefetched inputs. The plan keeps the peak
-within the budget.
+What a plan holds after the forward pass is a union of storages (Note [What a
+layer holds, by storage] in profile.py), each counted once:
+
+* a kept layer's own saved storages;
+* a layer's input, if the layer holds it (checkpointed, or kept and saving
+  it) or the previous layer, kept, saves it as its output and the two are
+  the same storage (measured, never assumed);
+* a kept layer's output that is not the next layer's input, if it saves it;
+* each argument storage (rotary tables, masks) that some layer holds: a
+  checkpointed or offloaded layer holds all of its arguments, a kept layer
+  those it saves.
+
+An offloaded layer's input is on the host. Each layer's row attributes to it
+its own storages, its output and the *next* layer's input (the first layer's
+row also its own input), so the rows depend on the next layer's mode only;
+arguments are summed once for the plan. That total is exactly what autograd
+holds after forward (tests check it byte for byte, for every plan). The
+program below charges every argument any planned layer passes, held or not
+(an upper bound: they are few and small), so its plans stay within the budget
+with the exact count. The peak adds the backward pass's working set: the
+gradient flowing through the stack (two layer inputs) and, if any layer is
+recomputed, the largest layer's saved activations (a recompute) plus
+``prefetch_depth`` prefetched inputs. The plan keeps the peak within the budget.
 
 Note [Why an exact dynamic program]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -47,7 +61,8 @@ knapsack. A layer's time and bytes depend on the next layer's mode (the H2D
 window, the shared output storage) and on how many checkpointed layers follow
 (on-demand and turn copies), so the program runs from the last layer to the
 first with the state (mode of the layer, checkpointed layers after it, capped)
-and the memory used, in units of at most 1/8192 of the stack's largest total.
+and the memory used, in units of a power of two between 1/8192 and 1/4096 of
+the stack's largest total.
 Bytes are rounded up to units, so a plan never exceeds the budget; for 128
 layers the program takes tens of milliseconds. Being exact, more budget never
 gives a plan predicted slower.
@@ -157,6 +172,10 @@ class Plan:
         return "\n".join(rows)
 
 
+def _holds_own_input(layer: LayerProfile, mode: Mode | None) -> bool:
+    return mode is Mode.CHECKPOINT or (mode is Mode.KEEP and layer.saves_input)
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
@@ -167,6 +186,7 @@ class _Model:
     def __init__(self, profile: Profile, prefetch_depth: int) -> None:
         self.layers = profile.layers
         self.copies = profile.copies
+        self.arguments = profile.arguments
         self.backward_per_forward = profile.backward_per_forward
         self.recompute_per_forward = profile.recompute_per_forward
         self.depth = prefetch_depth
@@ -175,6 +195,9 @@ class _Model:
         self.gradient_bytes = 2 * largest_input
         self.recompute_bytes = (
             max((layer.saved_bytes for layer in planned), default=0) + prefetch_depth * largest_input
+        )
+        self.passed_argument_bytes = sum(
+            self.arguments[index] for index in {index for layer in planned for index in layer.arguments}
         )
 
     def allowed(self, layer: LayerProfile) -> tuple[Mode, ...]:
@@ -185,17 +208,30 @@ class _Model:
         )
 
     def held(self, index: int, mode: Mode, next_mode: Mode | None) -> int:
+        """The bytes Note [The memory model] attributes to layer ``index``'s row."""
         layer = self.layers[index]
-        if mode is Mode.CHECKPOINT:
-            return layer.input_bytes
-        if mode is Mode.OFFLOAD:
-            return 0
-        held = layer.saved_bytes
-        if layer.saves_output and next_mode is not None:
-            after = self.layers[index + 1]
-            if next_mode is Mode.CHECKPOINT or (next_mode in (Mode.KEEP, Mode.PLAIN) and after.saves_input):
-                held -= min(after.input_bytes, held)
+        held = layer.own_bytes if mode is Mode.KEEP else 0
+        if index == 0 and _holds_own_input(layer, mode):
+            held += layer.input_bytes
+        keeps_output = mode is Mode.KEEP and layer.saves_output
+        after = self.layers[index + 1] if next_mode is not None else None
+        if after is None or not after.input_is_previous_output:
+            held += layer.output_bytes if keeps_output else 0
+        if after is not None:
+            shared = keeps_output and after.input_is_previous_output
+            if shared or _holds_own_input(after, next_mode):
+                held += after.input_bytes
         return held
+
+    def argument_bytes(self, modes: Sequence[Mode]) -> int:
+        """Bytes of the argument storages some layer holds in ``modes``."""
+        held: set[int] = set()
+        for layer, mode in zip(self.layers, modes, strict=True):
+            if mode.recomputes:
+                held.update(layer.arguments)
+            elif mode is Mode.KEEP:
+                held.update(layer.saved_arguments)
+        return sum(self.arguments[index] for index in held)
 
     def backward_seconds(self, index: int, mode: Mode) -> float:
         layer = self.layers[index]
@@ -244,13 +280,29 @@ def predict(
 ) -> Plan:
     """The :class:`Plan` for given modes: what the models predict, whatever the budget.
 
+    Args:
+        profile: the measured layers and copies.
+        modes: one mode per layer (a :class:`Mode` or its name).
+        memory_budget: bytes, recorded in the plan (the prediction does not depend on it).
+        prefetch_depth: inputs copied back ahead of the backward pass.
+
     Raises:
-        ValueError: ``modes`` has the wrong length, or a mode a layer cannot have.
+        TypeError: ``profile`` is not a Profile, or ``modes`` not a sequence.
+        ValueError: ``modes`` has the wrong length, holds an unknown mode or one
+            a layer cannot have, or ``memory_budget`` is not a non-negative int.
     """
-    model = _Model(profile, _check_depth(prefetch_depth))
+    model = _Model(_check_profile(profile, "predict"), _check_depth(prefetch_depth))
+    _check_budget(memory_budget)
+    if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
+        raise TypeError(f"predict: modes must be a sequence of modes, one per layer, got {modes!r}")
     if len(modes) != len(profile.layers):
         raise ValueError(f"modes: {len(modes)} given for {len(profile.layers)} layers")
-    chosen = tuple(Mode(mode) for mode in modes)
+    try:
+        chosen = tuple(Mode(mode) for mode in modes)
+    except ValueError:
+        raise ValueError(
+            f"predict: modes must each be one of {[mode.value for mode in _MODES]}, got {list(modes)!r}"
+        ) from None
     for layer, mode in zip(profile.layers, chosen, strict=True):
         if mode not in model.allowed(layer):
             raise ValueError(
@@ -260,8 +312,14 @@ def predict(
 
 
 def least_memory(profile: Profile, memory_budget: int = 0, *, prefetch_depth: int = 1) -> Plan:
-    """The plan of the least memory the layers can take: every input that can leave the device offloaded."""
-    model = _Model(profile, _check_depth(prefetch_depth))
+    """The plan of the least memory the layers can take: every input that can leave the device offloaded.
+
+    Raises:
+        TypeError: ``profile`` is not a Profile.
+        ValueError: ``memory_budget`` or ``prefetch_depth`` is not a non-negative int.
+    """
+    model = _Model(_check_profile(profile, "least_memory"), _check_depth(prefetch_depth))
+    _check_budget(memory_budget)
     least = tuple(model.allowed(layer)[-1] for layer in profile.layers)
     return _assemble(profile, model, least, memory_budget)
 
@@ -282,6 +340,7 @@ def _assemble(profile: Profile, model: _Model, modes: tuple[Mode, ...], budget: 
         if modes[index].recomputes:
             checkpointed_after = min(checkpointed_after + 1, model.depth + 1)
     rows.reverse()
+    held_total += model.argument_bytes(modes)
     return Plan(
         layers=tuple(rows),
         budget_bytes=budget,
@@ -291,6 +350,24 @@ def _assemble(profile: Profile, model: _Model, modes: tuple[Mode, ...], budget: 
         tokens=profile.tokens,
         prefetch_depth=model.depth,
     )
+
+
+def _check_profile(profile: Profile, caller: str) -> Profile:
+    if not isinstance(profile, Profile):
+        raise TypeError(
+            f"{caller}: profile must be a gcoffload Profile (from an autopilot's profile step, or built "
+            f"from LayerProfile and CopyProfile), got {type(profile).__name__}"
+        )
+    return profile
+
+
+def _check_budget(memory_budget: int) -> int:
+    if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 0:
+        raise ValueError(
+            f"memory_budget must be a non-negative int of bytes here, got {memory_budget!r} "
+            "(sizes such as '20GiB' are read by wrap_layers and patch_model)"
+        )
+    return memory_budget
 
 
 def _check_depth(prefetch_depth: int) -> int:
@@ -316,11 +393,8 @@ def plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Pl
         ValueError: the budget is below what the layers need with every input
             offloaded (the message says that minimum), or an argument is invalid.
     """
-    if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 0:
-        raise ValueError(f"memory_budget must be a non-negative int of bytes, got {memory_budget!r}")
-    if not isinstance(profile, Profile):
-        raise TypeError(f"profile must be a gcoffload Profile, got {type(profile).__name__}")
-    model = _Model(profile, _check_depth(prefetch_depth))
+    _check_budget(memory_budget)
+    model = _Model(_check_profile(profile, "plan"), _check_depth(prefetch_depth))
     if not profile.layers:
         return _assemble(profile, model, (), memory_budget)
     kept = tuple(model.allowed(layer)[0] for layer in profile.layers)
@@ -336,16 +410,19 @@ def plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Pl
             f"{_mib(smallest.peak_bytes - smallest.held_bytes)} working set in backward). "
             "Raise the budget, or shorten the batch."
         )
-    modes = _knapsack(model, memory_budget - model.reserve(smallest.modes))
+    modes = _knapsack(model, memory_budget - model.reserve(smallest.modes) - model.passed_argument_bytes)
     return _assemble(profile, model, modes, memory_budget) if modes is not None else smallest
 
 
 def _knapsack(model: _Model, capacity_bytes: int) -> tuple[Mode, ...] | None:
     """Exact dynamic program of Note [Why an exact dynamic program]; None if nothing fits once rounded."""
+    if capacity_bytes < 0:
+        return None
     layers = model.layers
     count = len(layers)
-    largest = sum(max(layer.saved_bytes, layer.input_bytes) for layer in layers)
-    unit = max(1, math.ceil(largest / _RESOLUTION))
+    largest = sum(layer.own_bytes + layer.input_bytes + layer.output_bytes for layer in layers)
+    # A power of two, so that sizes in KiB or MiB are whole units and round to nothing.
+    unit = 1 << max(0, math.ceil(math.log2(max(largest, 1) / _RESOLUTION)))
     capacity = min(capacity_bytes // unit, _RESOLUTION + count)
     infinity = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from .autopilot import Autopilot
-from .planner import Plan
-from .policy import LayerCheckpointer
-from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
+from ..autopilot.autopilot import Autopilot
+from ..autopilot.planner import Plan
+from ..checkpointing.options import OffloadOptions
+from .checkpointer import LayerCheckpointer
 
 __all__ = ["WrappedLayers", "wrap_layers"]
 
@@ -70,21 +70,18 @@ class WrappedLayers:
 
 def wrap_layers(
     layers: Iterable[nn.Module],
+    options: OffloadOptions | None = None,
     *,
-    offload: bool = True,
     only_trainable: bool = True,
     every_n_layers: int = 1,
-    prefetch_depth: int = 1,
-    keep_resident: int = 1,
     use_reentrant: bool = False,
-    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
     memory_budget: object = None,
 ) -> WrappedLayers:
     """Makes each layer checkpoint itself, with its input parked in host memory.
 
     Afterwards the layers are called as usual. In training mode with grad
     enabled, each call goes through the selective rule (see
-    :mod:`gcoffload.policy`) and, if checkpointed, through
+    :mod:`gcoffload.layers.rule`) and, if checkpointed, through
     :func:`gcoffload.checkpoint`; in eval mode or under ``no_grad`` the layers
     run plainly. The layers' module hooks stay outside the checkpoint.
 
@@ -92,13 +89,12 @@ def wrap_layers(
         layers: an ``nn.ModuleList``, ``nn.Sequential`` or any iterable of
             modules, in forward order. Each takes the hidden states
             ``(batch, seq, hidden)`` as its first positional argument.
-        offload: park checkpointed inputs in host memory (False: plain checkpointing).
+        options: how checkpointed inputs are kept (default ``OffloadOptions()``:
+            offloaded, one prefetched ahead, the last one resident, 1 MiB and
+            up); ``OffloadOptions(offload=False)`` is plain checkpointing.
         only_trainable: apply the selective rule; False checkpoints every layer.
         every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
-        prefetch_depth: inputs copied back ahead of the backward pass.
-        keep_resident: most recent inputs that never leave the device.
         use_reentrant: autograd-Function path (True) or saved-tensor hooks (False, the default).
-        min_offload_bytes: inputs smaller than this are not offloaded.
         memory_budget: turns on the autopilot, which picks per layer whether
             to keep its activations, checkpoint it, or checkpoint and offload
             its input, for the fastest step whose activations fit: bytes, a
@@ -106,14 +102,14 @@ def wrap_layers(
             ``0.5``, or ``"auto"`` (free device memory minus 10% and the
             stack's gradients still to come, read at every pass). The first
             step at each new input size is a profile step (see
-            :mod:`gcoffload.autopilot`); ``WrappedLayers.plan`` is the plan in
+            :mod:`gcoffload.autopilot.autopilot`); ``WrappedLayers.plan`` is the plan in
             force. Not with ``every_n_layers``.
 
     Returns:
         A :class:`WrappedLayers`; its ``unwrap()`` restores the layers.
 
     Raises:
-        TypeError: ``layers`` is not an iterable of modules.
+        TypeError: ``layers`` is not an iterable of modules, or ``options`` not an OffloadOptions.
         ValueError: an option is out of range, or a layer is already wrapped.
 
     Example:
@@ -138,7 +134,9 @@ def wrap_layers(
     if len({id(module) for module in modules}) != len(modules):
         raise ValueError("layers contains the same module twice")
 
-    options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
+    options = OffloadOptions() if options is None else options
+    if not isinstance(options, OffloadOptions):
+        raise TypeError(f"wrap_layers: options must be a gcoffload.OffloadOptions or None, got {options!r}")
     autopilot = None
     if memory_budget is not None:
         stack = nn.ModuleList(modules)

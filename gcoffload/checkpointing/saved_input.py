@@ -59,77 +59,41 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
-from dataclasses import dataclass
 
 import torch
 
-from .calls import describe_layer
-from .engine import CopyEngine, Handle, get_engine
+from ..engine import CopyEngine, Handle, get_engine
+from . import counters
+from .layer_call import describe_layer
+from .options import OffloadOptions
 
-__all__ = [
-    "DEFAULT_MIN_OFFLOAD_BYTES",
-    "OffloadOptions",
-    "SavedInput",
-    "SavedTensor",
-    "can_save",
-    "capturing",
-    "raise_modified_in_place",
-    "save",
-]
-
-DEFAULT_MIN_OFFLOAD_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class OffloadOptions:
-    """How a checkpointed layer's input is kept.
-
-    Args:
-        offload: park the input in host memory; False gives plain checkpointing.
-        prefetch_depth: in the backward pass of layer ``i``, start copying back
-            the inputs of layers ``i-1 .. i-prefetch_depth`` (0: fetch on demand).
-        keep_resident: the most recent inputs of a forward pass that stay on the
-            device, because backward needs them first.
-        min_offload_bytes: inputs smaller than this stay on the device.
-    """
-
-    offload: bool = True
-    prefetch_depth: int = 1
-    keep_resident: int = 1
-    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.offload, bool):
-            raise TypeError(f"offload must be a bool, got {self.offload!r}")
-        for name in ("prefetch_depth", "keep_resident", "min_offload_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-
-    def offloads(self, tensor: torch.Tensor) -> bool:
-        """Whether a saved ``tensor`` may leave the device.
-
-        Offload must be on, and the tensor floating point and at least ``min_offload_bytes``.
-        """
-        return self.offload and tensor.is_floating_point() and tensor.nbytes >= self.min_offload_bytes
+__all__ = ["SavedInput", "SavedTensor", "can_save", "capturing", "raise_modified_in_place", "save"]
 
 
 class SavedInput:
     """One layer input: resident (``tensor``) or offloaded (``handle``).
 
     Args:
-        engine: the copy engine of the input's device.
         tensor: the layer input, shape ``(batch, seq, hidden)`` for decoders.
-        previous: the input saved just before this one in the same thread.
+        previous: the input saved just before this one on the same device by the same thread.
         layer: the checkpointed callable, named in errors.
     """
 
-    __slots__ = ("__weakref__", "_fetched", "engine", "handle", "layer", "previous", "tensor", "version")
+    __slots__ = (
+        "__weakref__",
+        "_fetched",
+        "device",
+        "engine",
+        "handle",
+        "layer",
+        "previous",
+        "tensor",
+        "version",
+    )
 
-    def __init__(
-        self, engine: CopyEngine, tensor: torch.Tensor, previous: SavedInput | None, layer: object
-    ) -> None:
-        self.engine = engine
+    def __init__(self, tensor: torch.Tensor, previous: SavedInput | None, layer: object) -> None:
+        self.device = tensor.device
+        self.engine: CopyEngine | None = None  # the device's copy engine, once the input is offloaded
         self.layer = layer
         self.tensor: torch.Tensor | None = tensor
         self.handle: Handle | None = None
@@ -140,6 +104,7 @@ class SavedInput:
     def offload(self) -> None:
         """Starts the copy to host memory; the device tensor is no longer referenced here."""
         if self.tensor is not None:
+            self.engine = get_engine(self.device)
             self.handle = self.engine.offload(self.tensor)
             self.tensor = None
 
@@ -172,9 +137,9 @@ class SavedInput:
         if self._fetched is None:
             if self.tensor is not None:
                 self._fetched = self.tensor
-                self.engine.count("kept_resident")
+                counters.count(self.device, "kept_resident")
             else:
-                if capturing(self.engine.device):
+                if capturing(self.device):
                     raise RuntimeError(
                         "gcoffload: a layer input offloaded before graph capture began cannot be fetched "
                         "while the stream is capturing (Note [Graph capture]). Capture whole training "
@@ -183,15 +148,15 @@ class SavedInput:
                 self._fetched = self.engine.fetch(self.handle)
                 self.handle.release()  # holds nothing now but the version it watches
             if self.previous is None:
-                self.engine.end_step()
+                counters.end_step(self.device)
         return self._fetched
 
     def start_recompute(self, prefetch_depth: int) -> None:
         """Prefetches the inputs backward needs next; called before this layer's own is fetched."""
-        if not capturing(self.engine.device):
+        if not capturing(self.device):
             for earlier in self.predecessors(prefetch_depth):
                 earlier.prefetch()
-        self.engine.count("recomputes")
+        counters.count(self.device, "recomputes")
 
     def predecessors(self, depth: int) -> list[SavedInput]:
         """Up to ``depth`` inputs saved before this one, nearest first."""
@@ -301,19 +266,19 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
         options: how the input is kept.
         layer: the checkpointed callable, named in errors.
     """
-    engine = get_engine(tensor.device)
-    engine.count("checkpointed_layers")
+    device = tensor.device
+    counters.count(device, "checkpointed_layers")
     offloads = options.offloads(tensor)
     if options.offload and not offloads:
-        engine.count("kept_below_threshold")
-    if offloads and capturing(engine.device):
-        engine.count("kept_during_capture")
+        counters.count(device, "kept_below_threshold")
+    if offloads and capturing(device):
+        counters.count(device, "kept_during_capture")
         offloads = False
-    chain = _chains.by_device.get(engine.device)
+    chain = _chains.by_device.get(device)
     if chain is None:
-        chain = _chains.by_device[engine.device] = _ForwardChain()
+        chain = _chains.by_device[device] = _ForwardChain()
     previous = chain.last() if chain.last is not None else None
-    saved = SavedInput(engine, tensor, previous, layer)
+    saved = SavedInput(tensor, previous, layer)
     chain.last = weakref.ref(saved)
     if offloads:
         chain.window.append(weakref.ref(saved))

@@ -12,11 +12,11 @@ must pass.
 
 Run from the repository root (Python 3.11+, for ``python -P``):
 
-    python tests/simdevice/mutations.py                    # baseline, then every mutant
-    python tests/simdevice/mutations.py --list             # the mutants, nothing run
-    python tests/simdevice/mutations.py --only source-held --only h2d-waits-d2h
-    python tests/simdevice/mutations.py --first-failure    # pytest -x: faster, for CI
-    python tests/simdevice/mutations.py --tests "tests/test_engine.py -m simdev"
+    python tools/simdevice/mutations.py                    # baseline, then every mutant
+    python tools/simdevice/mutations.py --list             # the mutants, nothing run
+    python tools/simdevice/mutations.py --only source-held --only h2d-waits-d2h
+    python tools/simdevice/mutations.py --first-failure    # pytest -x: faster, for CI
+    python tools/simdevice/mutations.py --tests "tests/test_engine.py -m simdev"
 
 It prints a markdown table and exits 0 only if the baseline passed and every
 mutant was caught. Each mutant builds the extension afresh (about a minute);
@@ -48,7 +48,7 @@ OUTPUT_TAIL_LINES = 40
 # and where their build goes, then builds (or loads) the extension.
 _BUILD_SCRIPT = """\
 import gcoffload
-from gcoffload import _ext
+from gcoffload.engine import extension as _ext
 info = _ext.extension_info()
 print(gcoffload.__file__, info.source_dir, info.build_dir, sep="\\n", flush=True)
 _ext.load()

@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ExtensionInfo", "extension_info", "load"]
+__all__ = ["CppExtension", "ExtensionInfo", "cache_root", "extension_info", "is_loaded", "load"]
 
 CACHE_DIR_ENV = "GCOFFLOAD_CACHE_DIR"
 VERBOSE_BUILD_ENV = "GCOFFLOAD_VERBOSE_BUILD"
@@ -38,12 +38,9 @@ _CFLAGS = ("-O3", "-Wall", "-Wextra", "-Wno-unused-parameter")
 _COMPLETE_MARKER = "build.complete"
 _ERROR_CONTEXT_LINES = 25
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-
 
 class ExtensionInfo:
-    """Where the extension for this environment lives and whether it is built."""
+    """Where one build of a C++ extension lives and whether it is complete."""
 
     def __init__(self, source_dir: Path, build_dir: Path, name: str) -> None:
         self.source_dir = source_dir
@@ -59,8 +56,89 @@ class ExtensionInfo:
         return (self.build_dir / _COMPLETE_MARKER).is_file() and self.library.is_file()
 
 
-def _source_dir() -> Path:
-    package = Path(__file__).resolve().parent
+class CppExtension:
+    """A C++ torch extension JIT-built into gcoffload's cache on first use, then imported from there.
+
+    The build directory is keyed by the torch version, the Python version and
+    a hash of the sources and flags, so an edit rebuilds and two environments
+    never share a binary.
+
+    Args:
+        prefix: what the build directory's and the module's names start with.
+        source_dir: the directory holding ``sources``; every ``.h`` and ``.cpp``
+            in it is part of the hash.
+        sources: the ``.cpp`` files to compile, relative to ``source_dir``.
+        cflags: compiler flags.
+        describe: how the build announces itself on stderr ("the C++ extension").
+    """
+
+    def __init__(
+        self, prefix: str, source_dir: Path, sources: tuple[str, ...], cflags: tuple[str, ...], describe: str
+    ) -> None:
+        self.prefix = prefix
+        self.source_dir = source_dir
+        self.sources = sources
+        self.cflags = cflags
+        self.describe = describe
+        self._lock = threading.Lock()
+        self._module: ModuleType | None = None
+
+    def info(self) -> ExtensionInfo:
+        """Where the build for this torch, Python and source tree goes (builds nothing)."""
+        key = _source_key(self.source_dir, self.cflags)
+        python = f"py{sys.version_info.major}{sys.version_info.minor}"
+        build_dir = cache_root() / f"{self.prefix}-torch-{torch.__version__}-{python}-{key}"
+        return ExtensionInfo(self.source_dir, build_dir, f"{self.prefix.replace('-', '_')}_ext_{key}")
+
+    def load(self) -> ModuleType:
+        """The extension module, built first if this environment has none.
+
+        Raises:
+            RuntimeError: no C++ compiler or ninja, or the build failed; the
+                message quotes the compiler's last error lines and says what to do.
+        """
+        if self._module is not None:
+            return self._module
+        with self._lock:
+            if self._module is None:
+                info = self.info()
+                self._module = _import(info) if info.built else self._build(info)
+        return self._module
+
+    def _build(self, info: ExtensionInfo) -> ModuleType:
+        cpp_extension = _import_cpp_extension()
+        _require_toolchain()
+        verbose = os.environ.get(VERBOSE_BUILD_ENV, "") not in ("", "0")
+        print(
+            f"gcoffload: building {self.describe} once for torch {torch.__version__} "
+            f"into {info.build_dir} (about a minute; later runs load it from there)",
+            file=sys.stderr,
+            flush=True,
+        )
+        started = time.monotonic()
+        info.build_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            module = cpp_extension.load(
+                name=info.name,
+                sources=[str(self.source_dir / source) for source in self.sources],
+                extra_cflags=list(self.cflags),
+                build_directory=str(info.build_dir),
+                with_cuda=False,
+                verbose=verbose,
+            )
+        except (RuntimeError, subprocess.CalledProcessError, OSError) as error:
+            raise RuntimeError(_build_failure_message(self.describe, str(error), verbose)) from error
+        (info.build_dir / _COMPLETE_MARKER).write_text(torch.__version__ + "\n")
+        print(
+            f"gcoffload: {self.describe} built in {time.monotonic() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        return module
+
+
+def _package_sources() -> Path:
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package / "csrc", package.parent / "csrc"):
         if all((candidate / source).is_file() for source in _SOURCES):
             return candidate
@@ -70,7 +148,8 @@ def _source_dir() -> Path:
     )
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where builds go: ``$GCOFFLOAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/gcoffload``."""
     configured = os.environ.get(CACHE_DIR_ENV)
     if configured:
         return Path(configured).expanduser()
@@ -89,34 +168,33 @@ def _source_key(source_dir: Path, cflags: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build_dir(prefix: str, key: str) -> Path:
-    """Where a build of sources with ``key`` goes for this torch and Python."""
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return _cache_root() / f"{prefix}torch-{torch.__version__}-{python}-{key}"
+_extension: CppExtension | None = None
+
+
+def _gcoffload_extension() -> CppExtension:
+    global _extension
+    if _extension is None:
+        _extension = CppExtension("gcoffload", _package_sources(), _SOURCES, _CFLAGS, "the C++ extension")
+    return _extension
 
 
 def extension_info() -> ExtensionInfo:
-    """Locates the build for this torch, Python and source tree (builds nothing)."""
-    source_dir = _source_dir()
-    key = _source_key(source_dir, _CFLAGS)
-    return ExtensionInfo(source_dir, _build_dir("", key), f"gcoffload_ext_{key}")
+    """Locates gcoffload's own build for this torch, Python and source tree (builds nothing)."""
+    return _gcoffload_extension().info()
 
 
 def load() -> ModuleType:
-    """Returns the extension module, building it first if this environment has none.
+    """gcoffload's extension module (PinnedPool, CopyEngine), built first if this environment has none.
 
     Raises:
-        RuntimeError: no C++ compiler or ninja, or the build failed; the message
-            quotes the compiler's last error lines and says what to install.
+        RuntimeError: no C++ compiler or ninja, or the build failed.
     """
-    global _module
-    if _module is not None:
-        return _module
-    with _lock:
-        if _module is None:
-            info = extension_info()
-            _module = _import(info) if info.built else _build(info)
-    return _module
+    return _gcoffload_extension().load()
+
+
+def is_loaded() -> bool:
+    """Whether the extension is imported in this process (nothing is built or imported to answer)."""
+    return _extension is not None and _extension._module is not None
 
 
 def _import(info: ExtensionInfo) -> ModuleType:
@@ -135,7 +213,8 @@ def _require_toolchain() -> None:
             f"gcoffload builds its C++ extension on first use and needs a C++ compiler, "
             f"but `{compiler}` was not found. Install one (Debian/Ubuntu: "
             "`apt install g++`; Fedora: `dnf install gcc-c++`; conda: "
-            "`conda install -c conda-forge cxx-compiler`) or set CXX to its path."
+            "`conda install -c conda-forge cxx-compiler`) or set CXX to its path. "
+            "Plain checkpointing (offload=False) needs no extension."
         )
     if shutil.which("ninja") is None:
         try:
@@ -172,35 +251,7 @@ def _import_cpp_extension() -> ModuleType:
     return cpp_extension
 
 
-def _build(info: ExtensionInfo) -> ModuleType:
-    cpp_extension = _import_cpp_extension()
-    _require_toolchain()
-    verbose = os.environ.get(VERBOSE_BUILD_ENV, "") not in ("", "0")
-    print(
-        f"gcoffload: building the C++ extension once for torch {torch.__version__} "
-        f"into {info.build_dir} (about a minute; later runs load it from there)",
-        file=sys.stderr,
-        flush=True,
-    )
-    started = time.monotonic()
-    info.build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        module = cpp_extension.load(
-            name=info.name,
-            sources=[str(info.source_dir / source) for source in _SOURCES],
-            extra_cflags=list(_CFLAGS),
-            build_directory=str(info.build_dir),
-            with_cuda=False,
-            verbose=verbose,
-        )
-    except (RuntimeError, subprocess.CalledProcessError, OSError) as error:
-        raise RuntimeError(_build_failure_message(str(error), verbose)) from error
-    (info.build_dir / _COMPLETE_MARKER).write_text(torch.__version__ + "\n")
-    print(f"gcoffload: extension built in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-    return module
-
-
-def _build_failure_message(output: str, verbose: bool) -> str:
+def _build_failure_message(describe: str, output: str, verbose: bool) -> str:
     lines = [line for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower()]
     quoted = (errors or lines)[-_ERROR_CONTEXT_LINES:]
@@ -210,4 +261,4 @@ def _build_failure_message(output: str, verbose: bool) -> str:
     )
     if not verbose:
         advice += f" Set {VERBOSE_BUILD_ENV}=1 to see the full compiler output."
-    return "gcoffload: building the C++ extension failed:\n  " + "\n  ".join(quoted) + "\n" + advice
+    return f"gcoffload: building {describe} failed:\n  " + "\n  ".join(quoted) + "\n" + advice

@@ -14,11 +14,12 @@ module level; a model is recognised by what it has.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import inspect
 import logging
 import os
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -27,25 +28,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from .autopilot import Autopilot
-from .function import checkpoint_with
-from .planner import Plan
-from .policy import LayerCheckpointer, selective_checkpoint_function
-from .saved_input import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
+from ..autopilot.autopilot import Autopilot
+from ..autopilot.planner import Plan
+from ..checkpointing.dispatch import checkpoint_with
+from ..checkpointing.options import OffloadOptions
+from ..layers.checkpointer import LayerCheckpointer
 
-__all__ = [
-    "offloaded_checkpoint_function",
-    "patch_model",
-    "prepare_model_for_training",
-    "selective_checkpoint_function",
-    "unpatch_model",
-]
+__all__ = ["offloaded_checkpoint_function", "patch_model", "prepare_model_for_training", "unpatch_model"]
 
 logger = logging.getLogger(__name__)
 
 _PATCH_ATTRIBUTE = "_gcoffload_patch"
 _PLAN_ATTRIBUTE = "gcoffload_plan"
-_NOT_SET = object()
+
+
+class _Unset(enum.Enum):
+    """An attribute the model did not have (an enum member: it survives pickling as itself)."""
+
+    TOKEN = 0
+
+
+_NOT_SET = _Unset.TOKEN
 # transformers names the forward hook that makes embedding outputs require grad like this in every version.
 _INPUT_GRADS_HOOK_NAME = "make_inputs_require_grads"
 _LAYERNORM_NAMES = ("norm", "ln")
@@ -64,27 +67,25 @@ class _Patch:
     layer_indices: dict[nn.Module, int]
     replaced: dict[str, Any]  # entry point -> previous instance attribute, or _NOT_SET
     checkpointing_before: dict[nn.Module, tuple[Any, Any]]  # module -> instance (flag, function) or _NOT_SET
-    use_cache_before: Any
     input_grads_requested: bool = False
     autopilot: Autopilot | None = None
 
 
 def patch_model(
     model: nn.Module,
+    options: OffloadOptions | None = None,
     *,
-    offload: bool = True,
     only_trainable: bool = True,
     use_reentrant: bool = False,
-    prefetch_depth: int = 1,
-    keep_resident: int = 1,
     every_n_layers: int = 1,
-    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
     memory_budget: object = None,
 ) -> nn.Module:
     """Makes ``model`` checkpoint its layers through gcoffload, now and whenever asked again.
 
-    Enables gradient checkpointing with gcoffload's checkpoint function and
-    sets ``config.use_cache = False``. Later calls of
+    Enables gradient checkpointing with gcoffload's checkpoint function. The
+    config is left as it was (transformers turns the KV cache off itself while
+    checkpointing layers in training), so ``save_pretrained`` writes the
+    model's own settings. Later calls of
     ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` (by
     the Trainer, PEFT or you) land in gcoffload with these options. Their
     ``gradient_checkpointing_kwargs`` may pick ``use_reentrant``; their
@@ -92,18 +93,22 @@ def patch_model(
     patched, ``enable_input_require_grads`` is a no-op: the selective rule
     makes exactly the inputs that need it require grad.
 
+    A patched model pickles (``torch.save``, ``pickle``) and deep-copies; the
+    copy comes back patched, with the same options and plans (a profile step
+    in progress starts afresh). :func:`unpatch_model` restores the model.
+
     Args:
         model: a transformers ``PreTrainedModel``, a PEFT ``PeftModel``, or any
             module containing one. A model PEFT wraps later stays patched.
-        offload: park checkpointed layer inputs in host memory.
+        options: how checkpointed layer inputs are kept (default
+            ``OffloadOptions()``: offloaded to pinned host memory);
+            ``OffloadOptions(offload=False)`` is plain checkpointing.
         only_trainable: skip layers gradients do not flow through.
         use_reentrant: True for the autograd-Function path; the default, False,
             is the saved-tensor hooks around torch's non-reentrant checkpoint,
             which also works under DDP without ``static_graph``, FSDP2 and
             ``torch.autograd.grad``. A ``use_reentrant`` the Trainer or PEFT
             passes in ``gradient_checkpointing_kwargs`` wins.
-        prefetch_depth, keep_resident, min_offload_bytes: see
-            :class:`gcoffload.OffloadOptions`.
         every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
         memory_budget: turns on the autopilot (see :func:`gcoffload.wrap_layers`):
             per decoder layer, keep, checkpoint or offload, for the fastest
@@ -118,10 +123,14 @@ def patch_model(
         ``model`` itself.
 
     Raises:
-        TypeError: no transformers model inside ``model``.
+        TypeError: no transformers model inside ``model``, or ``options`` is
+            not an OffloadOptions.
         ValueError: the model does not support gradient checkpointing, or an
             option is out of range.
     """
+    options = OffloadOptions() if options is None else options
+    if not isinstance(options, OffloadOptions):
+        raise TypeError(f"patch_model: options must be a gcoffload.OffloadOptions or None, got {options!r}")
     base = _pretrained_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
@@ -130,7 +139,6 @@ def patch_model(
             f"{type(base).__name__} uses the checkpointing format of transformers < 4.35 "
             "(`_set_gradient_checkpointing(module, value)`), which cannot take a checkpoint function"
         )
-    options = OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
     layers = _decoder_layers(base)
     autopilot = (
         Autopilot(
@@ -166,7 +174,6 @@ def patch_model(
             for module in base.modules()
             if hasattr(module, "gradient_checkpointing")
         },
-        use_cache_before=getattr(getattr(base, "config", None), "use_cache", _NOT_SET),
         input_grads_requested=_input_grads_hook_active(base),
         autopilot=autopilot,
     )
@@ -181,13 +188,14 @@ def patch_model(
     ):
         if hasattr(type(base), name):
             patch.replaced[name] = base.__dict__.get(name, _NOT_SET)
-            setattr(base, name, types.MethodType(replacement, base))
+            # A partial of a module-level function pickles by reference; a bound method would not.
+            setattr(base, name, functools.partial(replacement, base))
     _enable(base, patch, {})
     return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Restores the entry points, the checkpointing state and ``use_cache`` from before :func:`patch_model`.
+    """Restores the entry points and the checkpointing state from before :func:`patch_model`.
 
     Raises:
         ValueError: ``model`` was not patched.
@@ -207,8 +215,6 @@ def unpatch_model(model: nn.Module) -> nn.Module:
                 module.__dict__.pop(name, None)
             else:
                 setattr(module, name, value)
-    if patch.use_cache_before is not _NOT_SET:
-        base.config.use_cache = patch.use_cache_before
     delattr(base, _PATCH_ATTRIBUTE)
     base.__dict__.pop(_PLAN_ATTRIBUTE, None)
     if patch.input_grads_requested:
@@ -258,9 +264,7 @@ def _enable(base: nn.Module, patch: _Patch, request: dict[str, Any]) -> None:
     every_n_layers = request.get("every_n_layers", 1)
     options = patch.options
     if request.get("offload") and not options.offload:
-        options = OffloadOptions(
-            True, options.prefetch_depth, options.keep_resident, options.min_offload_bytes
-        )
+        options = dataclasses.replace(options, offload=True)
     checkpointer = LayerCheckpointer(
         options,
         only_trainable=patch.only_trainable,
@@ -270,8 +274,6 @@ def _enable(base: nn.Module, patch: _Patch, request: dict[str, Any]) -> None:
         autopilot=patch.autopilot,
     )
     base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpointer)
-    if getattr(base, "config", None) is not None:
-        base.config.use_cache = False
 
 
 def _show_plan(base: nn.Module, plan: Plan) -> None:
@@ -279,23 +281,32 @@ def _show_plan(base: nn.Module, plan: Plan) -> None:
 
 
 def offloaded_checkpoint_function(
-    *,
-    offload: bool = True,
-    prefetch_depth: int = 1,
-    keep_resident: int = 1,
-    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+    options: OffloadOptions | None = None, *, use_reentrant: bool = True
 ) -> Callable[..., Any]:
     """gcoffload's checkpoint with options bound, for any place that takes a checkpoint function.
 
     The counterpart of LLaMA-Factory's ``get_unsloth_gradient_checkpointing_func``:
     ``model._set_gradient_checkpointing(gradient_checkpointing_func=offloaded_checkpoint_function())``.
-    Combine with :func:`selective_checkpoint_function` for the selective rule.
-    The result is ``functools.partial(gcoffload.checkpoint_with, options)``:
-    every keyword it gets besides torch's checkpoint keywords reaches the layer.
+    Combine with :func:`gcoffload.layers.selective_checkpoint_function` for the
+    selective rule. The result is ``functools.partial(gcoffload.checkpoint_with,
+    options, use_reentrant=use_reentrant)``: a ``use_reentrant`` its caller
+    passes wins, and every other keyword besides torch's checkpoint keywords
+    reaches the layer.
+
+    Args:
+        options: how checkpointed inputs are kept (default ``OffloadOptions()``).
+        use_reentrant: the path when the caller does not name one (default: the
+            reentrant one, like the function it replaces).
+
+    Raises:
+        TypeError: ``options`` is not an OffloadOptions, or ``use_reentrant`` not a bool.
     """
-    return functools.partial(
-        checkpoint_with, OffloadOptions(offload, prefetch_depth, keep_resident, min_offload_bytes)
-    )
+    options = OffloadOptions() if options is None else options
+    if not isinstance(options, OffloadOptions):
+        raise TypeError(f"offloaded_checkpoint_function: options must be an OffloadOptions, got {options!r}")
+    if not isinstance(use_reentrant, bool):
+        raise TypeError(f"offloaded_checkpoint_function: use_reentrant must be a bool, got {use_reentrant!r}")
+    return functools.partial(checkpoint_with, options, use_reentrant=use_reentrant)
 
 
 @dataclass
@@ -336,9 +347,9 @@ def prepare_model_for_training(
             ``disable_gradient_checkpointing``, ``use_unsloth_gc`` (here: offload
             to host memory), ``use_reentrant_gc``, ``upcast_lmhead_output``.
             Missing fields take LLaMA-Factory's defaults.
-        options: ``prefetch_depth``, ``keep_resident`` and ``min_offload_bytes``
-            for the patched model (default: :class:`OffloadOptions`'s); whether
-            to offload at all is ``use_unsloth_gc``'s to say.
+        options: how the patched model keeps checkpointed inputs. Default:
+            ``OffloadOptions(offload=use_unsloth_gc)``; given, they are used as
+            they are, ``offload`` included.
         memory_budget: turns on the autopilot (see :func:`patch_model`); with
             ``use_unsloth_gc`` false it keeps or checkpoints, never offloads.
         **overrides: the same settings as keywords; they win over ``model_args``.
@@ -346,8 +357,7 @@ def prepare_model_for_training(
     Does, in order: casts 1-D norm weights to float32 (``upcast_layernorm``);
     unless ``disable_gradient_checkpointing``, :func:`patch_model` with the
     selective rule (which switches to the non-reentrant path under FSDP2, with a
-    warning, on every enable), which also sets
-    ``config.use_cache = False``; casts the output embedding's output to
+    warning, on every enable); casts the output embedding's output to
     float32 (``upcast_lmhead_output``).
 
     Returns:
@@ -364,17 +374,9 @@ def prepare_model_for_training(
 
     if not settings.disable_gradient_checkpointing:
         if getattr(base, "supports_gradient_checkpointing", False):
-            options = options or OffloadOptions()
-            patch_model(
-                model,
-                offload=settings.use_unsloth_gc,
-                use_reentrant=settings.use_reentrant_gc,
-                prefetch_depth=options.prefetch_depth,
-                keep_resident=options.keep_resident,
-                min_offload_bytes=options.min_offload_bytes,
-                memory_budget=memory_budget,
-            )
-            logger.info("gcoffload: gradient checkpointing enabled (offload=%s)", settings.use_unsloth_gc)
+            options = OffloadOptions(offload=settings.use_unsloth_gc) if options is None else options
+            patch_model(model, options, use_reentrant=settings.use_reentrant_gc, memory_budget=memory_budget)
+            logger.info("gcoffload: gradient checkpointing enabled (offload=%s)", options.offload)
         else:
             warnings.warn(f"{type(base).__name__} does not support gradient checkpointing.", stacklevel=2)
 

@@ -8,18 +8,26 @@ states go through the copy engine (and the forward chain, for prefetching),
 the rest is saved as usual. The backward pass runs in the autograd engine
 itself, with no nested ``backward`` call, which is what DDP without
 ``static_graph`` and FSDP2 need.
+
+Inside an outer region that saves tensors its own way (an outer
+checkpoint, ``save_on_cpu``) the call is torch's checkpoint alone, nested as
+torch nests it: Note [Saving through an outer region] in reentrant.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch.utils.checkpoint import noop_context_fn
 
-from .saved_input import OffloadOptions, SavedInput, SavedTensor, can_save, save
+from .layer_call import LayerCall
+from .options import OffloadOptions
+from .reentrant import saving_is_ours
+from .saved_input import SavedInput, SavedTensor, can_save, save
 
 __all__ = ["DEFAULT_DETERMINISM_MODE", "checkpoint"]
 
@@ -27,9 +35,7 @@ DEFAULT_DETERMINISM_MODE = "default"  # torch.utils.checkpoint's default
 
 
 def checkpoint(
-    function: Callable[..., Any],
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
+    call: LayerCall,
     options: OffloadOptions,
     *,
     preserve_rng_state: bool = True,
@@ -39,21 +45,25 @@ def checkpoint(
     early_stop: bool = True,
 ) -> Any:
     """Runs ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` with the input offloaded."""
-    hidden = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
-    hooks = _InputHooks(function, hidden if hidden is not None and can_save(hidden) else None, options)
+    torch_keywords = {
+        "use_reentrant": False,
+        "preserve_rng_state": preserve_rng_state,
+        "context_fn": context_fn,
+        "determinism_check": determinism_check,
+        "debug": debug,
+        "early_stop": early_stop,
+    }
+    # The layer's keywords stay apart from torch's, whatever their names.
+    function = functools.partial(call.function, **call.kwargs) if call.kwargs else call.function
+    if call.meter is not None:  # Note [Counting in the real forward pass] in autopilot/measure.py
+        function = functools.partial(_measured, call.meter, function)
+    if not saving_is_ours():
+        return torch.utils.checkpoint.checkpoint(function, *call.args, **torch_keywords)
+    hidden = call.hidden
+    hooks = _InputHooks(call.layer, hidden if hidden is not None and can_save(hidden) else None, options)
     try:
         with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-            return torch.utils.checkpoint.checkpoint(
-                function,
-                *args,
-                use_reentrant=False,
-                preserve_rng_state=preserve_rng_state,
-                context_fn=context_fn,
-                determinism_check=determinism_check,
-                debug=debug,
-                early_stop=early_stop,
-                **kwargs,
-            )
+            return torch.utils.checkpoint.checkpoint(function, *call.args, **torch_keywords)
     except BaseException:
         if hooks.saved is not None:
             hooks.saved.release()
@@ -64,15 +74,17 @@ def checkpoint(
         hooks.hidden = None
 
 
+def _measured(meter: Any, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return meter.run(function, args, kwargs, passthrough=True)
+
+
 class _InputHooks:
     """Packs the hidden states into a SavedInput and versions every other saved input.
 
     See Note [In-place changes to saved inputs] in saved_input.py.
     """
 
-    def __init__(
-        self, layer: Callable[..., Any], hidden: torch.Tensor | None, options: OffloadOptions
-    ) -> None:
+    def __init__(self, layer: object, hidden: torch.Tensor | None, options: OffloadOptions) -> None:
         self.layer = layer
         self.hidden = hidden
         self.options = options

@@ -21,6 +21,7 @@ plan does not swing with the allocator's cache).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -43,6 +44,7 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+_MAX_BYTES = 2**63 - 1
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -68,7 +70,7 @@ class MemoryBudget:
         """
         if isinstance(value, MemoryBudget):
             return value
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_BYTES:
             return cls(nbytes=value)
         if isinstance(value, float) and 0.0 < value <= 1.0:
             return cls(fraction=value)
@@ -80,9 +82,12 @@ class MemoryBudget:
                 number = float(match.group(1))
                 if not match.group(2) and "." in match.group(1):  # "0.5" from a command line: a fraction
                     return cls.parse(number)
-                return cls(nbytes=int(number * _UNITS[match.group(2).lower()]))
+                nbytes = number * _UNITS[match.group(2).lower()]
+                if math.isfinite(nbytes) and nbytes <= _MAX_BYTES:
+                    return cls(nbytes=int(nbytes))
         raise ValueError(
-            f"memory_budget must be bytes (an int >= 0), a size such as '20GiB' or '512MB', a fraction of "
+            f"memory_budget must be bytes (an int from 0 to 2**63 - 1), a size such as '20GiB' or '512MB' "
+            f"(at most 2**63 - 1 bytes), a fraction of "
             f"the device's memory in (0, 1] such as 0.5, or 'auto' (free memory minus "
             f"{AUTO_MARGIN:.0%}); got {value!r}"
         )

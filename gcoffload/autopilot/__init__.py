@@ -1,0 +1,26 @@
+"""The memory-budget autopilot: keep, checkpoint or offload each layer, for the fastest step that fits.
+
+* :mod:`.autopilot`: :class:`Autopilot`, which runs each layer call as its plan says.
+* :mod:`.plan_cache`: plans per shape bucket.
+* :mod:`.profile_step` and :mod:`.measure`: the profile step and what it measures.
+* :mod:`.profile`: the measured numbers (:class:`Profile`, :class:`LayerProfile`, :class:`CopyProfile`).
+* :mod:`.planner`: :func:`plan`, :func:`predict`, :func:`least_memory`: pure functions of a profile.
+* :mod:`.budget`: what ``memory_budget=`` accepts.
+"""
+
+from .autopilot import Autopilot
+from .planner import LayerPlan, Mode, Plan, least_memory, plan, predict
+from .profile import CopyProfile, LayerProfile, Profile
+
+__all__ = [
+    "Autopilot",
+    "CopyProfile",
+    "LayerPlan",
+    "LayerProfile",
+    "Mode",
+    "Plan",
+    "Profile",
+    "least_memory",
+    "plan",
+    "predict",
+]

@@ -1,0 +1,55 @@
+"""How a checkpointed layer's input is kept: :class:`OffloadOptions`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DEFAULT_MIN_OFFLOAD_BYTES", "OffloadOptions"]
+
+DEFAULT_MIN_OFFLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """How a checkpointed layer's input is kept.
+
+    Args:
+        offload: park the input in host memory; False gives plain checkpointing,
+            which never needs the C++ extension.
+        prefetch_depth: in the backward pass of layer ``i``, start copying back
+            the inputs of layers ``i-1 .. i-prefetch_depth`` (0: fetch on demand).
+        keep_resident: the most recent inputs of a forward pass that stay on the
+            device, because backward needs them first.
+        min_offload_bytes: inputs smaller than this stay on the device (default
+            1 MiB: a tiny model's inputs are all smaller, so it offloads nothing).
+
+    Raises:
+        TypeError: ``offload`` is not a bool.
+        ValueError: another field is not a non-negative int.
+    """
+
+    offload: bool = True
+    prefetch_depth: int = 1
+    keep_resident: int = 1
+    min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.offload, bool):
+            raise TypeError(f"offload must be a bool, got {self.offload!r}")
+        for name in ("prefetch_depth", "keep_resident", "min_offload_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+    def offloads(self, tensor: torch.Tensor) -> bool:
+        """Whether a saved ``tensor`` may leave the device.
+
+        Offload must be on, and the tensor floating point and at least ``min_offload_bytes``.
+        """
+        return (
+            self.offload
+            and tensor.is_floating_point()
+            and tensor.numel() * tensor.element_size() >= self.min_offload_bytes
+        )

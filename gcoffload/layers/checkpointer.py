@@ -1,0 +1,104 @@
+"""The per-layer checkpoint function gcoffload installs: the selective rule, the autopilot, the checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from ..autopilot.autopilot import Autopilot
+from ..checkpointing import dispatch
+from ..checkpointing.layer_call import LayerCall, resolve_module
+from ..checkpointing.options import OffloadOptions
+from .rule import gradients_flow_through, training
+
+__all__ = ["LayerCheckpointer"]
+
+
+class LayerCheckpointer:
+    """Decides, per layer call, whether to checkpoint it and how, and runs it.
+
+    Called like ``torch.utils.checkpoint.checkpoint(function, *args, **kwargs)``
+    (this is what transformers stores as ``_gradient_checkpointing_func``), or
+    with the module known, through :meth:`run`.
+
+    Args:
+        options: how the checkpointed inputs are kept (offload, prefetch, window).
+        only_trainable: apply the selective rule (:mod:`gcoffload.layers.rule`);
+            False checkpoints every layer that runs with grad in training mode.
+        every_n_layers: checkpoint only layers whose index is a multiple of this;
+            the others keep their activations.
+        use_reentrant: the autograd-Function path (True) or the saved-tensor
+            hooks around ``torch.utils.checkpoint(use_reentrant=False)``.
+        layer_indices: the position of each layer in its stack, for
+            ``every_n_layers`` and the autopilot.
+        autopilot: picks keep, checkpoint or offload for each indexed layer
+            (then ``options`` only give the prefetch depth and threshold).
+
+    Raises:
+        TypeError: ``options`` is not an OffloadOptions, or a flag not a bool.
+        ValueError: ``every_n_layers`` is not a positive int, or is combined with an autopilot.
+    """
+
+    def __init__(
+        self,
+        options: OffloadOptions,
+        *,
+        only_trainable: bool = True,
+        every_n_layers: int = 1,
+        use_reentrant: bool = False,
+        layer_indices: Mapping[nn.Module, int] | None = None,
+        autopilot: Autopilot | None = None,
+    ) -> None:
+        if not isinstance(options, OffloadOptions):
+            raise TypeError(f"LayerCheckpointer: options must be a gcoffload.OffloadOptions, got {options!r}")
+        if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        if autopilot is not None and every_n_layers != 1:
+            raise ValueError(
+                "every_n_layers and memory_budget cannot be combined: the autopilot picks which layers "
+                "keep their activations; leave every_n_layers at 1"
+            )
+        if autopilot is not None and not isinstance(autopilot, Autopilot):
+            raise TypeError(
+                f"LayerCheckpointer: autopilot must be a gcoffload Autopilot or None, got {autopilot!r}"
+            )
+        for name, flag in (("only_trainable", only_trainable), ("use_reentrant", use_reentrant)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self.options = options
+        self.only_trainable = only_trainable
+        self.every_n_layers = every_n_layers
+        self.use_reentrant = use_reentrant
+        self.layer_indices = dict(layer_indices or {})
+        self.autopilot = autopilot
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.run(resolve_module(function), function, args, kwargs)
+
+    def run(self, module: nn.Module | None, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Calls ``function(*args, **kwargs)``, the layer ``module``, checkpointed or not."""
+        if not training(module):
+            return function(*args, **kwargs)
+        index = self.layer_indices.get(module) if module is not None else None
+        call = LayerCall(function, args, kwargs, module=module, index=index)
+        checkpointed = (index is None or index % self.every_n_layers == 0) and gradients_flow_through(
+            call, self.only_trainable
+        )
+        if self.autopilot is not None and index is not None and call.hidden is not None:
+            return self.autopilot.run(call, checkpointed, self.checkpoint)
+        if not checkpointed:
+            return dispatch.run_plainly(call)
+        return self.checkpoint(call, self.options)
+
+    def checkpoint(self, call: LayerCall, options: OffloadOptions) -> Any:
+        """Runs ``call`` checkpointed with ``options``, on this checkpointer's path."""
+        return dispatch.run(call, options, use_reentrant=self.use_reentrant, anchored=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerCheckpointer({self.options}, only_trainable={self.only_trainable}, "
+            f"every_n_layers={self.every_n_layers}, use_reentrant={self.use_reentrant}, "
+            f"autopilot={self.autopilot})"
+        )
