@@ -8,12 +8,14 @@ alone. Both paths, with the input offloaded and kept resident.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
 import torch
 import torch.utils.checkpoint
 from conftest import counted
+from held_memory import LiveStorages
 from toy_models import HIDDEN, Block, add_lora, batch, loss_and_grads, make_pair
 
 import gcoffload
@@ -298,3 +300,141 @@ class TestCallersTensors:
             loss, grads = loss_and_grads(model, ids)
         assert torch.equal(loss, expected[0]) and grads.keys() == expected[1].keys()
         assert embeddings.grad is None and not embeddings.requires_grad
+
+
+def _torch_inner(function, hidden):
+    return torch.utils.checkpoint.checkpoint(function, hidden, use_reentrant=False)
+
+
+def _gcoffload_inner(function, hidden):
+    return gcoffload.checkpoint_with(RESIDENT, function, hidden, use_reentrant=False)
+
+
+class TestNestedCheckpoints:
+    """A checkpoint inside another non-reentrant checkpoint is nested as torch nests it."""
+
+    @staticmethod
+    def outer_function(inner_checkpoint):
+        def outer(hidden: torch.Tensor) -> torch.Tensor:
+            made_inside = hidden.cos()  # the inner call's input: the outer recompute makes it again
+            return inner_checkpoint(torch.sin, made_inside) * 2
+
+        return outer
+
+    def run(self, outer_checkpoint, inner_checkpoint) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Bytes held after forward (besides the output), and the leaf's gradient."""
+        leaf = torch.randn(64, 256, requires_grad=True)  # 64 KiB
+        with LiveStorages() as live:
+            hidden = leaf * 1
+            output = outer_checkpoint(self.outer_function(inner_checkpoint), hidden)
+        held = live.alive_bytes(output)
+        output.sum().backward()
+        return held, leaf.grad, hidden
+
+    @pytest.mark.parametrize("outer", ["torch", "gcoffload"])
+    def test_the_inner_input_is_the_outer_checkpoints_to_recompute(self, outer):
+        def outer_checkpoint(function, hidden):
+            if outer == "torch":
+                return torch.utils.checkpoint.checkpoint(function, hidden, use_reentrant=False)
+            return gcoffload.checkpoint_with(RESIDENT, function, hidden, use_reentrant=False)
+
+        torch.manual_seed(0)
+        expected_held, expected_grad, _ = self.run(outer_checkpoint, _torch_inner)
+        torch.manual_seed(0)
+        held, grad, _ = self.run(outer_checkpoint, _gcoffload_inner)
+        assert held == expected_held, "the inner input is not held from forward to backward"
+        assert torch.equal(grad, expected_grad)
+
+    @pytest.mark.parametrize("inner", [_torch_inner, _gcoffload_inner], ids=["torch", "gcoffload"])
+    def test_an_outer_input_changed_in_place_raises_as_torch_does(self, inner):
+        leaf = torch.randn(64, 256, requires_grad=True)
+        hidden = leaf * 1
+        output = torch.utils.checkpoint.checkpoint(self.outer_function(inner), hidden, use_reentrant=False)
+        hidden.add_(1)
+        with pytest.raises(RuntimeError, match=INPLACE_ERROR):
+            output.sum().backward()
+
+    def test_a_reentrant_call_inside_an_outer_region_saves_through_it(self):
+        leaf = torch.randn(64, 256, requires_grad=True)
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda tensor: packed.append(tensor) or tensor, lambda t: t
+        ):
+            output = gcoffload.checkpoint_with(OFFLOADED, torch.sin, leaf * 1, use_reentrant=True)
+        assert packed, "the outer region's hooks saw the checkpoint's input"
+        output.sum().backward()
+        assert torch.equal(leaf.grad, torch.cos(leaf))
+        assert ENGINE.stats()["offloads"] == 0
+
+
+@pytest.mark.parametrize("kept", KEPT.values(), ids=KEPT.keys())
+def test_the_reentrant_path_works_where_saved_tensor_hooks_are_disabled(kept):
+    leaf, hidden, scale = inputs()
+    expected = reference_grads(scaled_sine, leaf * 1, scale)
+    with torch.autograd.graph.disable_saved_tensors_hooks("a functorch-style wrapper disables them"):
+        torch_output = torch.utils.checkpoint.checkpoint(scaled_sine, hidden, scale, use_reentrant=True)
+        output = gcoffload.checkpoint_with(kept, scaled_sine, hidden, scale, use_reentrant=True)
+    assert torch.equal(output, torch_output)
+    output.sum().backward()
+    assert torch.equal(leaf.grad, expected[0]) and torch.equal(scale.grad, expected[1])
+
+
+class TestTorchsOwnChecks:
+    """torch.utils.checkpoint's own tests, through gcoffload (test_checkpoint_partial_grad and friends)."""
+
+    def test_partial_grad(self):
+        def pass_both(first, second):
+            return first, second
+
+        first = torch.randn(1, 4, requires_grad=True)
+        second = torch.randn(1, 4)
+        output = gcoffload.checkpoint(pass_both, first, second, use_reentrant=True)
+        output[0].sum().backward()
+
+        def only_first(first, second):
+            return first
+
+        first = torch.randn(1, 4)
+        second = torch.randn(1, 4, requires_grad=True)
+        with pytest.raises(
+            RuntimeError, match=r"none of output has requires_grad=True, this checkpoint\(\) is not necessary"
+        ):
+            output = gcoffload.checkpoint(only_first, first, second, use_reentrant=True)
+            output.sum().backward()
+
+    @pytest.mark.parametrize("use_reentrant", [True, False])
+    def test_a_detached_output(self, use_reentrant):
+        class NoGradModule(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = torch.nn.Linear(2, 2, bias=False)
+                self.lin2 = torch.nn.Linear(2, 2, bias=False)
+
+            def forward(self, x):
+                with torch.no_grad():
+                    return self.lin2(self.linear(x))
+
+        module = NoGradModule()
+        raises = pytest.raises(RuntimeError, match="none of output has requires_grad=True")
+        a = torch.randn(2, 2, requires_grad=True)
+        for _ in range(3):
+            with raises if use_reentrant else contextlib.nullcontext():
+                out = gcoffload.checkpoint(module, a, use_reentrant=use_reentrant)
+                out += a
+                out.sum().backward()
+
+    def test_grad_names_torchs_incompatibility(self):
+        leaf, hidden, scale = inputs()
+        output = gcoffload.checkpoint(scaled_sine, hidden, scale, use_reentrant=True)
+        with pytest.raises(RuntimeError, match=r"torch\.utils\.checkpoint is incompatible with \.grad\(\)"):
+            torch.autograd.grad(output.sum(), leaf)
+
+    def test_without_use_reentrant_it_warns_and_takes_the_reentrant_path_as_torch_does(self):
+        _, hidden, scale = inputs()
+        with pytest.warns(UserWarning, match="use_reentrant parameter should be passed explicitly") as warned:
+            torch.utils.checkpoint.checkpoint(scaled_sine, hidden, scale)
+        with pytest.warns(UserWarning, match="use_reentrant parameter should be passed explicitly") as ours:
+            output = gcoffload.checkpoint(scaled_sine, hidden, scale)
+        assert warned[0].category is ours[0].category
+        assert ours[0].filename == __file__, "the warning points at the caller"
+        assert output.grad_fn.name().endswith("_OffloadedCheckpointBackward")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
+import pickle
 import warnings
 
 import hf_models
@@ -214,3 +217,65 @@ class TestEntryPoints:
         with pytest.raises(ValueError, match="every_n_layers"):
             gcoffload.patch_model(model, every_n_layers=0)
         assert "gradient_checkpointing_enable" not in model.__dict__, "a refused patch changes nothing"
+
+
+def _round_trip(model: torch.nn.Module, how: str, directory) -> torch.nn.Module:
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    if how == "torch.save":
+        path = directory / "model.pt"
+        torch.save(model, path)
+        return torch.load(path, weights_only=False)
+    return copy.deepcopy(model)
+
+
+class TestPersistence:
+    @pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+    @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+    def test_a_patched_model_comes_back_patched(self, how, peft, tmp_path):
+        reference = hf_models.model("llama")
+        model = copy.deepcopy(reference)
+        if peft:
+            reference, model = hf_models.lora(reference, "llama"), hf_models.lora(model, "llama")
+        gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0))
+        restored = _round_trip(model, how, tmp_path)
+        assert installed_functions(restored) == {LayerCheckpointer}
+        base = restored.get_base_model() if peft else restored
+        (checkpointer,) = {
+            module._gradient_checkpointing_func
+            for module in base.modules()
+            if hasattr(module, "gradient_checkpointing") and module.gradient_checkpointing
+        }
+        assert set(checkpointer.layer_indices) == set(decoder_layers(restored)), (
+            "indices of the copy's own layers"
+        )
+        restored.gradient_checkpointing_enable()  # an entry point of the copy, acting on the copy
+        gcoffload.reset_stats()
+        assert_same(loss_and_grads(reference, batch()), loss_and_grads(restored, batch()))
+        assert ENGINE.stats()["checkpointed_layers"] == 4 and ENGINE.stats()["offloads"] == 3
+        gcoffload.unpatch_model(restored)
+        assert installed_functions(restored) == set()
+
+    def test_an_autopilot_comes_back_with_its_plans(self, tmp_path):
+        model = hf_models.model("llama")
+        gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget=1 << 40)
+        for _ in range(3):  # the first pass, the profile step, a planned step
+            loss_and_grads(model, batch())
+        restored = _round_trip(model, "torch.save", tmp_path)
+        assert restored.gcoffload_plan == model.gcoffload_plan is not None
+        gcoffload.reset_stats()
+        loss_and_grads(restored, batch())
+        assert ENGINE.stats()["profiled_layers"] == 0, (
+            "the plan in force came along; nothing is measured again"
+        )
+        assert ENGINE.stats()["kept_layers"] == 4
+
+    def test_save_pretrained_writes_the_models_own_config(self, tmp_path):
+        model = hf_models.model("llama")
+        model.config.use_cache = True
+        gcoffload.patch_model(model)
+        loss_and_grads(model, batch())
+        model.save_pretrained(tmp_path)
+        saved = json.loads((tmp_path / "config.json").read_text())
+        assert saved["use_cache"] is True
+        assert not any("gcoffload" in key for key in saved)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -409,3 +411,52 @@ def test_each_device_has_its_own_forward_chain():
             stats,
         )
         assert counters.steps(device) == steps[index] + 1, f"{device} did not end its step"
+
+
+class FailingLastLayer(torch.nn.Module):
+    """The model's last layer raises: the forward pass's graph is dropped while its copies are in flight."""
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise RuntimeError("the last layer failed")
+
+
+@on_simdev
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_dropped_graph_is_released_while_its_copies_are_in_flight(device, use_reentrant):
+    torch.manual_seed(0)
+    model = Stack(layers=4).to(device)
+    model.layers.append(FailingLastLayer())
+    ids = batch().to(device)
+    mask = causal_mask(ids.shape[1]).to(device)  # made before the stall: a copy from the host would wait
+
+    def forward() -> torch.Tensor:
+        hidden_states = model.embed(ids)
+        for layer in model.layers:
+            hidden_states = layer(hidden_states, mask)
+        return hidden_states
+
+    inputs: list[weakref.ref[torch.Tensor]] = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+    gc.collect()
+    gcoffload.reset_stats()
+    synchronize(device)
+    before = device_module(device).memory_allocated(torch.device(device))
+    with (
+        gcoffload.wrap_layers(
+            model.layers,
+            gcoffload.OffloadOptions(keep_resident=0, min_offload_bytes=0),
+            use_reentrant=use_reentrant,
+        ),
+        stalled(device),
+    ):  # the offload copies wait for the compute stream: none can finish
+        with pytest.raises(RuntimeError, match="the last layer failed"):
+            forward()
+        gc.collect()
+        stats = gcoffload.stats()["devices"][device]
+        assert stats["offloads"] == 5, "every layer's input was on its way to the host"
+        assert stats["live_handles"] == 0, "the dropped graph's saved inputs are released"
+        assert len(inputs) == 5 and all(ref() is None for ref in inputs), "no layer input is kept alive"
+        held = device_module(device).memory_allocated(torch.device(device)) - before
+        assert held == 0, "the inputs' device memory went back to the allocator"
+    synchronize(device)

@@ -143,7 +143,7 @@ def train(
         trainer.train()
     result = {
         "steps": record.steps,
-        "stats": gcoffload.get_engine("cpu").stats(),
+        "stats": gcoffload.stats()["devices"].get("cpu", {}),
         **checkpoint_function(model),
         "plan": model.gcoffload_plan.counts() if getattr(model, "gcoffload_plan", None) else None,
         "sharding": sharding(model),
