@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -159,3 +160,17 @@ def test_cli_errors_show_the_usage_of_the_subcommand_they_are_in(capsys):
     error = capsys.readouterr().err
     assert error.startswith("usage: python -m gcoffload info [-h] [--json]")
     assert "unrecognized arguments: --bogus" in error
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llamafactory") is not None, reason="LLaMA-Factory is installed")
+def test_the_llamafactory_command_without_llamafactory_says_how_to_install_it(capsys):
+    assert main(["llamafactory", "train", "config.yaml"]) == 1
+    assert "pip install llamafactory" in capsys.readouterr().err
+
+
+def test_info_into_a_closed_pipe_prints_no_traceback(tmp_path):
+    # `true` exits at once, long before gcoffload has imported torch: every write meets a closed pipe,
+    # as the tail of `... | head` does.
+    command = f"{sys.executable} -m gcoffload info --json | true"
+    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

@@ -1,11 +1,9 @@
-"""The real LLaMA-Factory, trained through ``python -m gcoffload.llamafactory``, against its own run.
+"""The real LLaMA-Factory, trained through ``python -m gcoffload llamafactory``, against its own run.
 
 LLaMA-Factory pins its own versions of transformers, PEFT and TRL, so it lives
-in an environment of its own (see .ci/run), where these tests run alone; they
-are skipped where it is not installed. Its multimodal data module imports
-torchaudio, which has no build for the CPU torch used here: the runs put
-``tests/llamafactory_shims`` on the path, a placeholder that lets the import
-succeed and fails on any use (text-only training makes none).
+in an environment of its own (see .ci/run: torch 2.9.1, whose torchaudio build
+its multimodal data module imports), where these tests run alone; they are
+skipped where it is not installed.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ if importlib.util.find_spec("llamafactory") is None:
 
 import yaml  # noqa: E402  (LLaMA-Factory depends on it)
 
-SHIMS = Path(__file__).resolve().parent / "llamafactory_shims"
 STEPS = 3
 LAYERS = 4
 TIMEOUT_S = 600
@@ -80,11 +77,7 @@ def write_config(root: Path, model_dir: Path, data_dir: Path, name: str, use_uns
 
 def train(command: list[str], config: Path) -> tuple[list[float], str]:
     """Runs one training in a fresh process; returns its per-step losses (LLaMA-Factory's log) and stderr."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(SHIMS), os.environ.get("PYTHONPATH")])),
-    }
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", *command, "train", str(config)],
         env=env,
@@ -101,7 +94,7 @@ def train(command: list[str], config: Path) -> tuple[list[float], str]:
 def test_use_unsloth_gc_offloads_and_matches_llama_factorys_own_run(tmp_path):
     model_dir, data_dir = write_model_and_data(tmp_path)
     expected, _ = train(["llamafactory.cli"], write_config(tmp_path, model_dir, data_dir, "stock", False))
-    patched = ["gcoffload.llamafactory", "--min-offload-bytes", "0"]  # the tiny model's inputs are 4 KiB
+    patched = ["gcoffload", "llamafactory", "--min-offload-bytes", "0"]  # the tiny model's inputs are 4 KiB
     losses, stderr = train(patched, write_config(tmp_path, model_dir, data_dir, "gcoffload", True))
     assert len(expected) == STEPS and losses == expected
     (summary,) = [line for line in stderr.splitlines() if line.startswith("gcoffload: cpu:")]
