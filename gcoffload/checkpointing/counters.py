@@ -15,7 +15,7 @@ import torch
 from ..engine import registry
 from ..engine.copy_engine import GAUGES
 
-__all__ = ["LAYER_COUNTERS", "count", "end_step", "last_step", "reset_stats", "stats", "steps"]
+__all__ = ["LAYER_COUNTERS", "count", "end_step", "last_step", "of", "reset_stats", "stats", "steps"]
 
 LAYER_COUNTERS = (
     "checkpointed_layers",  # layer calls that went through a checkpoint
@@ -54,6 +54,12 @@ def _device(device: torch.device) -> _Device:
 def count(device: torch.device, counter: str, amount: int = 1) -> None:
     """Adds ``amount`` to one of :data:`LAYER_COUNTERS` of ``device``."""
     _device(device).counts[counter] += amount
+
+
+def of(device: torch.device) -> Counter[str]:
+    """``device``'s layer counters, to add to directly on the hot path (they stay the same object)."""
+    counters = _devices.get(device)
+    return (counters if counters is not None else _device(device)).counts
 
 
 def _totals(device: torch.device) -> dict[str, int]:
@@ -129,5 +135,5 @@ def reset_stats() -> None:
         engine.reset_stats()
     registry.reset_pool_peaks()
     for device, counters in _devices.items():
-        counters.counts = Counter(dict.fromkeys(LAYER_COUNTERS, 0))
+        counters.counts.update({name: -value for name, value in counters.counts.items()})
         counters.step_start = _totals(device)

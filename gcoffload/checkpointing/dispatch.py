@@ -9,6 +9,7 @@ is where every checkpointed layer call, a user's or the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from .layer_call import LayerCall, describe_layer
 from .nonreentrant import DEFAULT_DETERMINISM_MODE
 from .options import OffloadOptions
 
-__all__ = ["checkpoint", "checkpoint_with", "run", "run_plainly"]
+__all__ = ["checkpoint", "checkpoint_with", "path", "run", "run_plainly"]
 
 _DEFAULT_OPTIONS = OffloadOptions()
 _OPTION_NAMES = frozenset(("offload", "prefetch_depth", "keep_resident", "min_offload_bytes"))
@@ -114,7 +115,7 @@ def checkpoint_with(
         if not torch.is_grad_enabled():
             return function(*args, **kwargs)
     call = LayerCall(function, args, kwargs)
-    if use_reentrant and not any(leaf.requires_grad for leaf in call.leaves):
+    if use_reentrant and not call.requires_grad:
         warnings.warn(
             "gcoffload.checkpoint: no tensor argument requires grad, so the function runs without "
             "checkpointing (parameters it uses still get gradients). Make the input require grad "
@@ -162,6 +163,16 @@ def run(
         debug=debug,
         early_stop=early_stop,
     )
+
+
+def path(use_reentrant: bool) -> Callable[[LayerCall, OffloadOptions], Any]:
+    """:func:`run` with its path chosen once, for a caller that checkpoints every layer the same way.
+
+    The reentrant path anchors calls no argument of which requires grad (Note [Graph anchor]).
+    """
+    if use_reentrant:
+        return functools.partial(reentrant.checkpoint, anchored=True)
+    return nonreentrant.checkpoint
 
 
 def _reject_misplaced_options(function: Callable[..., Any], kwargs: dict[str, Any]) -> None:

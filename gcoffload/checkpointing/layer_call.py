@@ -100,6 +100,7 @@ class LayerCall:
         leaves: every tensor in ``(args, kwargs)``, in order.
         structure: how to rebuild ``(args, kwargs)`` from ``leaves`` (:meth:`arguments`).
         hidden_index: the position in ``leaves`` of the hidden states, or None.
+        requires_grad: whether any of ``leaves`` requires grad.
         bound: how many of ``args`` the partials bound (they precede the caller's).
         meter: in an autopilot's profile step, what the layer's real forward
             pass runs through to be measured (``meter.run(function, args,
@@ -117,6 +118,7 @@ class LayerCall:
         "leaves",
         "meter",
         "module",
+        "requires_grad",
         "structure",
     )
 
@@ -150,16 +152,23 @@ class LayerCall:
         self.kwargs = kwargs
         self.module = module
         self.bound = len(args) - caller_count
-        self.leaves: list[torch.Tensor] = []
         self.hidden_index: int | None = None
-        if not kwargs and all(type(arg) is torch.Tensor for arg in args):  # the usual call, at no cost
-            self.leaves.extend(args)
-            self.hidden_index = 0 if args else None
-            structure = _PLAIN_CALLS.get(len(args))
-            if structure is None:
-                structure = _PLAIN_CALLS[len(args)] = (tuple, [(tuple, [_LEAF] * len(args)), (dict, {})])
-            self.structure = structure
-            return
+        if not kwargs:  # the usual call, tensors only, at the least cost: this runs per layer
+            requires_grad = False
+            for arg in args:
+                if type(arg) is not torch.Tensor:
+                    break
+                requires_grad = requires_grad or arg.requires_grad
+            else:
+                self.leaves = list(args)
+                self.requires_grad = requires_grad
+                self.hidden_index = 0 if args else None
+                structure = _PLAIN_CALLS.get(len(args))
+                if structure is None:
+                    structure = _PLAIN_CALLS[len(args)] = (tuple, [(tuple, [_LEAF] * len(args)), (dict, {})])
+                self.structure = structure
+                return
+        self.leaves = []
         positional = []
         for arg in args:
             if self.hidden_index is None and isinstance(arg, torch.Tensor):
@@ -167,6 +176,7 @@ class LayerCall:
             positional.append(flatten_arguments(arg, self.leaves))
         keyword = flatten_arguments(kwargs, self.leaves)
         self.structure = (tuple, [(tuple, positional), keyword])
+        self.requires_grad = any(leaf.requires_grad for leaf in self.leaves)
 
     @property
     def hidden(self) -> torch.Tensor | None:

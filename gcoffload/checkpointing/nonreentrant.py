@@ -45,33 +45,41 @@ def checkpoint(
     early_stop: bool = True,
 ) -> Any:
     """Runs ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` with the input offloaded."""
-    torch_keywords = {
-        "use_reentrant": False,
-        "preserve_rng_state": preserve_rng_state,
-        "context_fn": context_fn,
-        "determinism_check": determinism_check,
-        "debug": debug,
-        "early_stop": early_stop,
-    }
     # The layer's keywords stay apart from torch's, whatever their names.
     function = functools.partial(call.function, **call.kwargs) if call.kwargs else call.function
     if call.meter is not None:  # Note [Counting in the real forward pass] in autopilot/measure.py
         function = functools.partial(_measured, call.meter, function)
-    if not saving_is_ours():
-        return torch.utils.checkpoint.checkpoint(function, *call.args, **torch_keywords)
-    hidden = call.hidden
-    hooks = _InputHooks(call.layer, hidden if hidden is not None and can_save(hidden) else None, options)
+    hooks = None
+    if saving_is_ours():
+        hidden = call.hidden
+        hooks = _InputHooks(call.layer, hidden if hidden is not None and can_save(hidden) else None, options)
+        # torch.autograd.graph.saved_tensors_hooks without its Python frames: this runs per layer.
+        _push_hooks(hooks.pack, hooks.unpack)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-            return torch.utils.checkpoint.checkpoint(function, *call.args, **torch_keywords)
+        return torch.utils.checkpoint.checkpoint(
+            function,
+            *call.args,
+            use_reentrant=False,
+            preserve_rng_state=preserve_rng_state,
+            context_fn=context_fn,
+            determinism_check=determinism_check,
+            debug=debug,
+            early_stop=early_stop,
+        )
     except BaseException:
-        if hooks.saved is not None:
+        if hooks is not None and hooks.saved is not None:
             hooks.saved.release()
         raise
     finally:
-        # The hooks outlive this call inside autograd's saved variables; they
-        # must not keep the hidden states on the device.
-        hooks.hidden = None
+        if hooks is not None:
+            _pop_hooks()
+            # The hooks outlive this call inside autograd's saved variables; they
+            # must not keep the hidden states on the device.
+            hooks.hidden = None
+
+
+_push_hooks = torch._C._autograd._push_saved_tensors_default_hooks
+_pop_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 def _measured(meter: Any, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -83,6 +91,8 @@ class _InputHooks:
 
     See Note [In-place changes to saved inputs] in saved_input.py.
     """
+
+    __slots__ = ("hidden", "layer", "options", "saved")
 
     def __init__(self, layer: object, hidden: torch.Tensor | None, options: OffloadOptions) -> None:
         self.layer = layer
@@ -97,7 +107,6 @@ class _InputHooks:
             self.saved = save(tensor, self.options, self.layer)
         return self.saved
 
-    def unpack(self, packed: SavedInput | SavedTensor) -> torch.Tensor:
-        if isinstance(packed, SavedInput):
-            packed.start_recompute(self.options.prefetch_depth)
+    @staticmethod
+    def unpack(packed: SavedInput | SavedTensor) -> torch.Tensor:
         return packed.unpack()

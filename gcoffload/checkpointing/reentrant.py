@@ -54,10 +54,11 @@ NO_OUTPUT_REQUIRES_GRAD = "none of output has requires_grad=True, this checkpoin
 
 def saving_is_ours() -> bool:
     """Whether a checkpoint may push its own saved-tensor hooks (Note [Saving through an outer region])."""
-    return (
-        torch._C._autograd._saved_tensors_hooks_is_enabled()
-        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-    )
+    return _hooks_enabled() and _top_hooks(False) is None
+
+
+_hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled
+_top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def checkpoint(
@@ -70,7 +71,7 @@ def checkpoint(
     checked that some argument requires grad otherwise.
     """
     leaves = call.leaves
-    anchored = anchored and not any(leaf.requires_grad for leaf in leaves)
+    anchored = anchored and not call.requires_grad
     if anchored:
         leaves = [*leaves, torch.empty(0, requires_grad=True)]  # Note [Graph anchor]: never saved
     hidden_index = call.hidden_index
@@ -83,11 +84,17 @@ def checkpoint(
     if not ours:
         return _OffloadedCheckpoint.apply(state, None, call.meter, *leaves)
     packer = _InputPacker(call.layer)
+    # torch.autograd.graph.saved_tensors_hooks without its Python frames: this runs per layer.
+    _push_hooks(packer.pack, _unpack)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(packer.pack, _unpack):
-            return _OffloadedCheckpoint.apply(state, packer, call.meter, *leaves)
+        return _OffloadedCheckpoint.apply(state, packer, call.meter, *leaves)
     finally:
+        _pop_hooks()
         packer.clear()
+
+
+_push_hooks = torch._C._autograd._push_saved_tensors_default_hooks
+_pop_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 class _Call(NamedTuple):
@@ -111,6 +118,8 @@ class _InputPacker:
     See Note [Who owns a SavedInput] and Note [In-place changes to saved
     inputs] in saved_input.py.
     """
+
+    __slots__ = ("hidden", "layer", "saved")
 
     def __init__(self, layer: object) -> None:
         self.layer = layer
@@ -188,9 +197,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             )
         state: _Call = ctx.state
         saved = ctx.saved_input() if ctx.saved_input is not None else None
-        if saved is not None:
-            saved.start_recompute(state.options.prefetch_depth)
-        leaves = ctx.saved_tensors
+        leaves = ctx.saved_tensors  # the SavedInput's unpack prefetches the next inputs, then fetches its own
         needs_grad = ctx.needs_input_grad[3 : 3 + len(leaves)]
         inputs = [leaf.detach().requires_grad_(needs) for leaf, needs in zip(leaves, needs_grad, strict=True)]
         rng = ctx.rng if ctx.rng is not None else contextlib.nullcontext()

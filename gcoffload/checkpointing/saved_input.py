@@ -59,6 +59,7 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
+from collections import Counter
 
 import torch
 
@@ -77,22 +78,37 @@ class SavedInput:
         tensor: the layer input, shape ``(batch, seq, hidden)`` for decoders.
         previous: the input saved just before this one on the same device by the same thread.
         layer: the checkpointed callable, named in errors.
+        counts: the device's layer counters.
+        prefetch_depth: how many of the inputs saved before this one to prefetch when it is unpacked.
+        device: ``tensor.device``.
     """
 
     __slots__ = (
         "__weakref__",
         "_fetched",
+        "counts",
         "device",
         "engine",
         "handle",
         "layer",
+        "prefetch_depth",
         "previous",
         "tensor",
         "version",
     )
 
-    def __init__(self, tensor: torch.Tensor, previous: SavedInput | None, layer: object) -> None:
-        self.device = tensor.device
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        previous: SavedInput | None,
+        layer: object,
+        counts: Counter[str],
+        prefetch_depth: int,
+        device: torch.device,
+    ) -> None:
+        self.device = device
+        self.counts = counts
+        self.prefetch_depth = prefetch_depth
         self.engine: CopyEngine | None = None  # the device's copy engine, once the input is offloaded
         self.layer = layer
         self.tensor: torch.Tensor | None = tensor
@@ -113,11 +129,13 @@ class SavedInput:
             self.engine.prefetch(self.handle)
 
     def unpack(self) -> torch.Tensor:
-        """The input on the device. Repeated calls return the same tensor (retain_graph).
+        """The input on the device, for its layer's recompute. Repeated calls return the same tensor.
 
-        The first input a forward pass saved on a device is the last one
-        backward fetches there, so fetching it ends the device's training step
-        for :func:`gcoffload.stats`.
+        The recompute starts here: before fetching its own input, it starts
+        copying back the inputs of the ``prefetch_depth`` layers saved before
+        it, which backward needs next. The first input a forward pass saved on
+        a device is the last one backward fetches there, so fetching it ends
+        the device's training step for :func:`gcoffload.stats`.
 
         Raises:
             RuntimeError: the input was changed in place since it was saved
@@ -134,10 +152,12 @@ class SavedInput:
             dtype = self.handle.dtype if self.tensor is None else self.tensor.dtype
             what = f"{dtype} tensor of shape {list(shape)}"
             raise_modified_in_place(what, current, self.version, self.layer)
+        self.counts["recomputes"] += 1
         if self._fetched is None:
+            self._prefetch_predecessors()
             if self.tensor is not None:
                 self._fetched = self.tensor
-                counters.count(self.device, "kept_resident")
+                self.counts["kept_resident"] += 1
             else:
                 if capturing(self.device):
                     raise RuntimeError(
@@ -151,12 +171,13 @@ class SavedInput:
                 counters.end_step(self.device)
         return self._fetched
 
-    def start_recompute(self, prefetch_depth: int) -> None:
-        """Prefetches the inputs backward needs next; called before this layer's own is fetched."""
-        if not capturing(self.device):
-            for earlier in self.predecessors(prefetch_depth):
+    def _prefetch_predecessors(self) -> None:
+        offloaded = [
+            earlier for earlier in self.predecessors(self.prefetch_depth) if earlier.handle is not None
+        ]
+        if offloaded and not capturing(self.device):
+            for earlier in offloaded:
                 earlier.prefetch()
-        counters.count(self.device, "recomputes")
 
     def predecessors(self, depth: int) -> list[SavedInput]:
         """Up to ``depth`` inputs saved before this one, nearest first."""
@@ -214,6 +235,8 @@ def raise_modified_in_place(what: str, current: int, expected: int, layer: objec
 class _ForwardChain:
     """The last input saved on one device by one thread, and that device's residency window."""
 
+    __slots__ = ("last", "window")
+
     def __init__(self) -> None:
         self.last: weakref.ref[SavedInput] | None = None
         self.window: collections.deque[weakref.ref[SavedInput]] = collections.deque()
@@ -245,12 +268,15 @@ def can_save(tensor: torch.Tensor) -> bool:
     torch.utils.checkpoint saves them.
     """
     return (
-        type(tensor) in (torch.Tensor, torch.nn.Parameter)
-        and tensor.layout == torch.strided
-        and tensor.device.type != "meta"
+        type(tensor) in _PLAIN_TYPES
+        and tensor.layout is torch.strided
+        and not tensor.is_meta
         and not tensor.is_nested
         and not tensor.is_quantized
     )
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedInput:
@@ -267,18 +293,22 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
         layer: the checkpointed callable, named in errors.
     """
     device = tensor.device
-    counters.count(device, "checkpointed_layers")
-    offloads = options.offloads(tensor)
+    counts = counters.of(device)
+    counts["checkpointed_layers"] += 1
+    offloads = options.offload and options.offloads(tensor)
     if options.offload and not offloads:
-        counters.count(device, "kept_below_threshold")
+        counts["kept_below_threshold"] += 1
     if offloads and capturing(device):
-        counters.count(device, "kept_during_capture")
+        counts["kept_during_capture"] += 1
         offloads = False
-    chain = _chains.by_device.get(device)
+    by_device = _chains.by_device
+    chain = by_device.get(device)
     if chain is None:
-        chain = _chains.by_device[device] = _ForwardChain()
-    previous = chain.last() if chain.last is not None else None
-    saved = SavedInput(tensor, previous, layer)
+        chain = by_device[device] = _ForwardChain()
+    last = chain.last
+    saved = SavedInput(
+        tensor, last() if last is not None else None, layer, counts, options.prefetch_depth, device
+    )
     chain.last = weakref.ref(saved)
     if offloads:
         chain.window.append(weakref.ref(saved))

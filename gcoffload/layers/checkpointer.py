@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..autopilot.autopilot import Autopilot
 from ..checkpointing import dispatch
 from ..checkpointing.layer_call import LayerCall, resolve_module
 from ..checkpointing.options import OffloadOptions
-from .rule import gradients_flow_through, training
+from .rule import gradients_flow_through
 
 __all__ = ["LayerCheckpointer"]
 
@@ -35,6 +36,10 @@ class LayerCheckpointer:
             ``every_n_layers`` and the autopilot.
         autopilot: picks keep, checkpoint or offload for each indexed layer
             (then ``options`` only give the prefetch depth and threshold).
+
+    Attributes:
+        checkpoint: runs a call checkpointed with the options given, on this
+            checkpointer's path (:func:`gcoffload.checkpointing.dispatch.path`).
 
     Raises:
         TypeError: ``options`` is not an OffloadOptions, or a flag not a bool.
@@ -73,15 +78,16 @@ class LayerCheckpointer:
         self.use_reentrant = use_reentrant
         self.layer_indices = dict(layer_indices or {})
         self.autopilot = autopilot
+        self.checkpoint = dispatch.path(use_reentrant)
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.run(resolve_module(function), function, args, kwargs)
 
     def run(self, module: nn.Module | None, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Calls ``function(*args, **kwargs)``, the layer ``module``, checkpointed or not."""
-        if not training(module):
+        if not (torch.is_grad_enabled() and (module is None or module.training)):  # rule.training, inlined
             return function(*args, **kwargs)
-        index = self.layer_indices.get(module) if module is not None else None
+        index = self.layer_indices.get(module)
         call = LayerCall(function, args, kwargs, module=module, index=index)
         checkpointed = (index is None or index % self.every_n_layers == 0) and gradients_flow_through(
             call, self.only_trainable
@@ -91,10 +97,6 @@ class LayerCheckpointer:
         if not checkpointed:
             return dispatch.run_plainly(call)
         return self.checkpoint(call, self.options)
-
-    def checkpoint(self, call: LayerCall, options: OffloadOptions) -> Any:
-        """Runs ``call`` checkpointed with ``options``, on this checkpointer's path."""
-        return dispatch.run(call, options, use_reentrant=self.use_reentrant, anchored=True)
 
     def __repr__(self) -> str:
         return (

@@ -39,9 +39,8 @@ def training(module: nn.Module | None) -> bool:
 
 def gradients_flow_through(call: LayerCall, only_trainable: bool = True) -> bool:
     """The rule for a training-mode call; ``only_trainable=False`` checkpoints every such call."""
-    if any(leaf.requires_grad for leaf in call.leaves):
+    if call.requires_grad or not only_trainable:
         return True
-    if not only_trainable:
         return True
     module = call.module
     return module is not None and any(parameter.requires_grad for parameter in module.parameters())
@@ -83,7 +82,7 @@ def selective_checkpoint_function(
         call = LayerCall(function, args, kwargs, module=module)
         if not gradients_flow_through(call, only_trainable):
             return run_plainly(call)
-        if any(leaf.requires_grad for leaf in call.leaves):
+        if call.requires_grad:
             return checkpoint_function(function, *args, **kwargs)
         hidden = call.hidden
         with_alias = (
