@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from toy_models import HIDDEN, Block, add_lora, batch, loss_and_grads, make_pair
 
 import gcoffload
 from gcoffload import OffloadOptions
+from gcoffload.checkpointing.nonreentrant import ROUTES_SELECTIVE_SAVES
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -171,9 +173,13 @@ class TestKeywords:
         hidden = hidden.flatten(0, 1)
         weight = torch.randn(HIDDEN, HIDDEN, requires_grad=True)
         expected = reference_grads(layer, hidden, weight)
-        out = gcoffload.checkpoint_with(
-            kept, layer, hidden, weight, use_reentrant=False, context_fn=context_fn
-        )
+        with warnings.catch_warnings():
+            # torch 2.14 warns when hooks around a selective checkpoint leave the choice of routing the
+            # tensors the policy keeps to a default that will change; gcoffload's hooks make it.
+            warnings.simplefilter("error", FutureWarning)
+            out = gcoffload.checkpoint_with(
+                kept, layer, hidden, weight, use_reentrant=False, context_fn=context_fn
+            )
         out.sum().backward()
         assert asked[:2] == [(torch.ops.aten.mm.default, False), (torch.ops.aten.sin.default, False)]
         assert torch.equal(leaf.grad, expected[0].view_as(leaf)) and torch.equal(weight.grad, expected[1])
@@ -438,3 +444,29 @@ class TestTorchsOwnChecks:
         assert warned[0].category is ours[0].category
         assert ours[0].filename == __file__, "the warning points at the caller"
         assert output.grad_fn.name().endswith("_OffloadedCheckpointBackward")
+
+
+@pytest.mark.skipif(not ROUTES_SELECTIVE_SAVES, reason="torch before 2.14 has no respect_saved_tensors_hooks")
+@pytest.mark.parametrize("respect", [True, False])
+def test_a_chosen_routing_of_selectively_saved_tensors_reaches_torch(respect):
+    def policy(ctx, op, *args, **kwargs):
+        return torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+
+    context_fn = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, policy)
+    leaf, hidden, scale = inputs()
+    expected = reference_grads(scaled_sine, leaf * 1, scale)
+    out = gcoffload.checkpoint_with(
+        RESIDENT,
+        scaled_sine,
+        hidden,
+        scale,
+        use_reentrant=False,
+        context_fn=context_fn,
+        respect_saved_tensors_hooks=respect,
+    )
+    out.sum().backward()
+    assert torch.equal(leaf.grad, expected[0]) and torch.equal(scale.grad, expected[1])
+    with pytest.raises(ValueError, match="respect_saved_tensors_hooks` is only supported when use_reentrant"):
+        gcoffload.checkpoint_with(
+            RESIDENT, scaled_sine, hidden, scale, use_reentrant=True, respect_saved_tensors_hooks=respect
+        )

@@ -76,7 +76,9 @@ def checkpoint_with(
             keyword arguments for ``function``.
         preserve_rng_state: restore the CPU and device RNG state for the recompute.
         context_fn, debug: as in torch; only with ``use_reentrant=False``
-            (``ValueError`` otherwise, as in torch).
+            (``ValueError`` otherwise, as in torch). On torch 2.14+,
+            ``respect_saved_tensors_hooks`` too: see Note [Selective
+            checkpointing inside gcoffload's hooks] in nonreentrant.py.
         determinism_check, early_stop: as in torch; ignored on the reentrant path, as in torch.
         **kwargs: keyword arguments for ``function``.
 
@@ -101,6 +103,10 @@ def checkpoint_with(
         raise TypeError(f"checkpoint: function must be callable, got {type(function).__name__}")
     if kwargs.keys() & _OPTION_NAMES:
         _reject_misplaced_options(function, kwargs)
+    # torch's keyword where this torch has it (2.14+); before, like torch, it is the function's.
+    respect_saved_tensors_hooks = (
+        kwargs.pop("respect_saved_tensors_hooks", None) if nonreentrant.ROUTES_SELECTIVE_SAVES else None
+    )
     if use_reentrant is None:
         warnings.warn(
             "gcoffload.checkpoint: the use_reentrant parameter should be passed explicitly, as "
@@ -110,8 +116,11 @@ def checkpoint_with(
         )
         use_reentrant = True
     if use_reentrant:
-        if context_fn is not noop_context_fn or debug is not False:
-            raise ValueError("Passing `context_fn` or `debug` is only supported when use_reentrant=False.")
+        if context_fn is not noop_context_fn or debug is not False or respect_saved_tensors_hooks is not None:
+            raise ValueError(
+                "Passing `context_fn`, `debug`, or `respect_saved_tensors_hooks` is only supported when "
+                "use_reentrant=False."
+            )
         if not torch.is_grad_enabled():
             return function(*args, **kwargs)
     call = LayerCall(function, args, kwargs)
@@ -132,6 +141,7 @@ def checkpoint_with(
         determinism_check=determinism_check,
         debug=debug,
         early_stop=early_stop,
+        respect_saved_tensors_hooks=respect_saved_tensors_hooks,
     )
 
 
@@ -146,6 +156,7 @@ def run(
     determinism_check: str = DEFAULT_DETERMINISM_MODE,
     debug: bool = False,
     early_stop: bool = True,
+    respect_saved_tensors_hooks: bool | None = None,
 ) -> Any:
     """Runs ``call`` checkpointed on the path ``use_reentrant`` names, with validated arguments.
 
@@ -162,6 +173,7 @@ def run(
         determinism_check=determinism_check,
         debug=debug,
         early_stop=early_stop,
+        respect_saved_tensors_hooks=respect_saved_tensors_hooks,
     )
 
 

@@ -12,11 +12,25 @@ itself, with no nested ``backward`` call, which is what DDP without
 Inside an outer region that saves tensors its own way (an outer
 checkpoint, ``save_on_cpu``) the call is torch's checkpoint alone, nested as
 torch nests it: Note [Saving through an outer region] in reentrant.py.
+
+Note [Selective checkpointing inside gcoffload's hooks]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A ``context_fn`` policy (selective activation checkpointing) makes torch keep
+some of the layer's intermediate tensors instead of recomputing them. Up to
+torch 2.13 those bypass any saved-tensor hooks around the checkpoint; torch
+2.14 asks, with ``respect_saved_tensors_hooks``, whether they should go
+through them instead, and will make that the default. The hooks around the
+call here are gcoffload's own, which move nothing but the hidden states, so
+they pass ``False`` unless the caller chose: the tensors a policy keeps stay
+on the device, as torch keeps them, and torch has nothing to warn about. Had
+they gone through the hooks, they would have stayed on the device all the same
+(packed with their version, like every other saved input).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +43,13 @@ from .options import OffloadOptions
 from .reentrant import saving_is_ours
 from .saved_input import SavedInput, SavedTensor, can_save, save
 
-__all__ = ["DEFAULT_DETERMINISM_MODE", "checkpoint"]
+__all__ = ["DEFAULT_DETERMINISM_MODE", "ROUTES_SELECTIVE_SAVES", "checkpoint"]
 
 DEFAULT_DETERMINISM_MODE = "default"  # torch.utils.checkpoint's default
+# Whether this torch's checkpoint takes respect_saved_tensors_hooks (2.14+).
+ROUTES_SELECTIVE_SAVES = (
+    "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters
+)
 
 
 def checkpoint(
@@ -43,8 +61,13 @@ def checkpoint(
     determinism_check: str = DEFAULT_DETERMINISM_MODE,
     debug: bool = False,
     early_stop: bool = True,
+    respect_saved_tensors_hooks: bool | None = None,
 ) -> Any:
-    """Runs ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` with the input offloaded."""
+    """Runs ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` with the input offloaded.
+
+    ``respect_saved_tensors_hooks`` reaches torch where it takes it (2.14+); see
+    Note [Selective checkpointing inside gcoffload's hooks].
+    """
     # The layer's keywords stay apart from torch's, whatever their names.
     function = functools.partial(call.function, **call.kwargs) if call.kwargs else call.function
     if call.meter is not None:  # Note [Counting in the real forward pass] in autopilot/measure.py
@@ -55,6 +78,12 @@ def checkpoint(
         hooks = _InputHooks(call.layer, hidden if hidden is not None and can_save(hidden) else None, options)
         # torch.autograd.graph.saved_tensors_hooks without its Python frames: this runs per layer.
         _push_hooks(hooks.pack, hooks.unpack)
+    selective = {}
+    if ROUTES_SELECTIVE_SAVES and context_fn is not noop_context_fn:
+        # Note [Selective checkpointing inside gcoffload's hooks]
+        if respect_saved_tensors_hooks is None and hooks is not None:
+            respect_saved_tensors_hooks = False
+        selective["respect_saved_tensors_hooks"] = respect_saved_tensors_hooks
     try:
         return torch.utils.checkpoint.checkpoint(
             function,
@@ -65,6 +94,7 @@ def checkpoint(
             determinism_check=determinism_check,
             debug=debug,
             early_stop=early_stop,
+            **selective,
         )
     except BaseException:
         if hooks is not None and hooks.saved is not None:
