@@ -20,7 +20,7 @@ from torch.utils.checkpoint import noop_context_fn
 
 from . import counters, nonreentrant, reentrant
 from .layer_call import LayerCall, describe_layer
-from .nonreentrant import DEFAULT_DETERMINISM_MODE
+from .nonreentrant import DEFAULT_TORCH_KEYWORDS, ROUTES_SELECTIVE_SAVES, TorchKeywords
 from .options import OffloadOptions
 
 __all__ = ["checkpoint", "checkpoint_with", "path", "run", "run_plainly"]
@@ -51,7 +51,7 @@ def checkpoint_with(
     use_reentrant: bool | None = None,
     preserve_rng_state: bool = True,
     context_fn: Callable[[], tuple[Any, Any]] = noop_context_fn,
-    determinism_check: str = DEFAULT_DETERMINISM_MODE,
+    determinism_check: str = "default",
     debug: bool = False,
     early_stop: bool = True,
     **kwargs: Any,
@@ -103,9 +103,14 @@ def checkpoint_with(
         raise TypeError(f"checkpoint: function must be callable, got {type(function).__name__}")
     if kwargs.keys() & _OPTION_NAMES:
         _reject_misplaced_options(function, kwargs)
-    # torch's keyword where this torch has it (2.14+); before, like torch, it is the function's.
-    respect_saved_tensors_hooks = (
-        kwargs.pop("respect_saved_tensors_hooks", None) if nonreentrant.ROUTES_SELECTIVE_SAVES else None
+    keywords = TorchKeywords(
+        preserve_rng_state,
+        context_fn,
+        determinism_check,
+        debug,
+        early_stop,
+        # torch's keyword where this torch has it (2.14+); before, like torch, it is the function's.
+        kwargs.pop("respect_saved_tensors_hooks", None) if ROUTES_SELECTIVE_SAVES else None,
     )
     if use_reentrant is None:
         warnings.warn(
@@ -116,7 +121,11 @@ def checkpoint_with(
         )
         use_reentrant = True
     if use_reentrant:
-        if context_fn is not noop_context_fn or debug is not False or respect_saved_tensors_hooks is not None:
+        if (
+            context_fn is not noop_context_fn
+            or debug is not False
+            or keywords.respect_saved_tensors_hooks is not None
+        ):
             raise ValueError(
                 "Passing `context_fn`, `debug`, or `respect_saved_tensors_hooks` is only supported when "
                 "use_reentrant=False."
@@ -132,17 +141,7 @@ def checkpoint_with(
             stacklevel=3 if options is _DEFAULT_OPTIONS else 2,
         )
         return call.run()
-    return run(
-        call,
-        options,
-        use_reentrant=use_reentrant,
-        preserve_rng_state=preserve_rng_state,
-        context_fn=context_fn,
-        determinism_check=determinism_check,
-        debug=debug,
-        early_stop=early_stop,
-        respect_saved_tensors_hooks=respect_saved_tensors_hooks,
-    )
+    return run(call, options, use_reentrant=use_reentrant, keywords=keywords)
 
 
 def run(
@@ -151,12 +150,7 @@ def run(
     *,
     use_reentrant: bool,
     anchored: bool = False,
-    preserve_rng_state: bool = True,
-    context_fn: Callable[[], tuple[Any, Any]] = noop_context_fn,
-    determinism_check: str = DEFAULT_DETERMINISM_MODE,
-    debug: bool = False,
-    early_stop: bool = True,
-    respect_saved_tensors_hooks: bool | None = None,
+    keywords: TorchKeywords = DEFAULT_TORCH_KEYWORDS,
 ) -> Any:
     """Runs ``call`` checkpointed on the path ``use_reentrant`` names, with validated arguments.
 
@@ -164,17 +158,10 @@ def run(
     requires grad (Note [Graph anchor] in reentrant.py).
     """
     if use_reentrant:
-        return reentrant.checkpoint(call, options, preserve_rng_state=preserve_rng_state, anchored=anchored)
-    return nonreentrant.checkpoint(
-        call,
-        options,
-        preserve_rng_state=preserve_rng_state,
-        context_fn=context_fn,
-        determinism_check=determinism_check,
-        debug=debug,
-        early_stop=early_stop,
-        respect_saved_tensors_hooks=respect_saved_tensors_hooks,
-    )
+        return reentrant.checkpoint(
+            call, options, preserve_rng_state=keywords.preserve_rng_state, anchored=anchored
+        )
+    return nonreentrant.checkpoint(call, options, keywords)
 
 
 def path(use_reentrant: bool) -> Callable[[LayerCall, OffloadOptions], Any]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,31 +44,54 @@ from .options import OffloadOptions
 from .reentrant import saving_is_ours
 from .saved_input import SavedInput, SavedTensor, can_save, save
 
-__all__ = ["DEFAULT_DETERMINISM_MODE", "ROUTES_SELECTIVE_SAVES", "checkpoint"]
+__all__ = ["DEFAULT_TORCH_KEYWORDS", "ROUTES_SELECTIVE_SAVES", "TorchKeywords", "checkpoint"]
 
-DEFAULT_DETERMINISM_MODE = "default"  # torch.utils.checkpoint's default
 # Whether this torch's checkpoint takes respect_saved_tensors_hooks (2.14+).
 ROUTES_SELECTIVE_SAVES = (
     "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters
 )
 
 
-def checkpoint(
-    call: LayerCall,
-    options: OffloadOptions,
-    *,
-    preserve_rng_state: bool = True,
-    context_fn: Callable[[], tuple[Any, Any]] = noop_context_fn,
-    determinism_check: str = DEFAULT_DETERMINISM_MODE,
-    debug: bool = False,
-    early_stop: bool = True,
-    respect_saved_tensors_hooks: bool | None = None,
-) -> Any:
-    """Runs ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` with the input offloaded.
+@dataclass(frozen=True)
+class TorchKeywords:
+    """``torch.utils.checkpoint.checkpoint``'s own keywords, with torch's defaults and meaning.
 
-    ``respect_saved_tensors_hooks`` reaches torch where it takes it (2.14+); see
-    Note [Selective checkpointing inside gcoffload's hooks].
+    ``respect_saved_tensors_hooks`` exists on torch 2.14+ only (see Note
+    [Selective checkpointing inside gcoffload's hooks]).
     """
+
+    preserve_rng_state: bool = True
+    context_fn: Callable[[], tuple[Any, Any]] = noop_context_fn
+    determinism_check: str = "default"
+    debug: bool = False
+    early_stop: bool = True
+    respect_saved_tensors_hooks: bool | None = None
+
+    def for_torch(self, inside_our_hooks: bool) -> dict[str, Any]:
+        """The keywords for torch's non-reentrant checkpoint, run inside gcoffload's hooks or not."""
+        keywords = {
+            "preserve_rng_state": self.preserve_rng_state,
+            "context_fn": self.context_fn,
+            "determinism_check": self.determinism_check,
+            "debug": self.debug,
+            "early_stop": self.early_stop,
+        }
+        if ROUTES_SELECTIVE_SAVES and self.context_fn is not noop_context_fn:
+            respect = self.respect_saved_tensors_hooks
+            # Note [Selective checkpointing inside gcoffload's hooks]
+            keywords["respect_saved_tensors_hooks"] = (
+                False if respect is None and inside_our_hooks else respect
+            )
+        return keywords
+
+
+DEFAULT_TORCH_KEYWORDS = TorchKeywords()
+
+
+def checkpoint(
+    call: LayerCall, options: OffloadOptions, keywords: TorchKeywords = DEFAULT_TORCH_KEYWORDS
+) -> Any:
+    """Runs ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` with the input offloaded."""
     # The layer's keywords stay apart from torch's, whatever their names.
     function = functools.partial(call.function, **call.kwargs) if call.kwargs else call.function
     if call.meter is not None:  # Note [Counting in the real forward pass] in autopilot/measure.py
@@ -78,23 +102,9 @@ def checkpoint(
         hooks = _InputHooks(call.layer, hidden if hidden is not None and can_save(hidden) else None, options)
         # torch.autograd.graph.saved_tensors_hooks without its Python frames: this runs per layer.
         _push_hooks(hooks.pack, hooks.unpack)
-    selective = {}
-    if ROUTES_SELECTIVE_SAVES and context_fn is not noop_context_fn:
-        # Note [Selective checkpointing inside gcoffload's hooks]
-        if respect_saved_tensors_hooks is None and hooks is not None:
-            respect_saved_tensors_hooks = False
-        selective["respect_saved_tensors_hooks"] = respect_saved_tensors_hooks
     try:
         return torch.utils.checkpoint.checkpoint(
-            function,
-            *call.args,
-            use_reentrant=False,
-            preserve_rng_state=preserve_rng_state,
-            context_fn=context_fn,
-            determinism_check=determinism_check,
-            debug=debug,
-            early_stop=early_stop,
-            **selective,
+            function, *call.args, use_reentrant=False, **keywords.for_torch(hooks is not None)
         )
     except BaseException:
         if hooks is not None and hooks.saved is not None:
