@@ -7,17 +7,17 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import itertools
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 import gcoffload
 from gcoffload.__main__ import main
-from gcoffload.bench import common, noise, plots, stack_overlap, suite
+from gcoffload.bench import autopilot, common, hf_step, host_cost, noise, plots, stack_overlap, suite
 from gcoffload.bench.decoder import LLAMA_1B, LLAMA_8B, SMOKE, build_stack, run_stack
 from gcoffload.bench.stack_overlap import StackConfig
 from gcoffload.bench.strategies import STRATEGIES
@@ -27,54 +27,103 @@ ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run
 pytestmark = pytest.mark.usefixtures("users_device")
 
 
+NOISY_HEADER = (
+    "**noisy: these measurements scatter, or take over 3x as long as rows that do the same work (which "
+    "the work cannot explain); rerun on an idle machine.**"
+)
+AUTOPILOT_RUNS = ["checkpoint", "offload", "autopilot 0%", "autopilot 40%", "autopilot 80%"]
 # Step times of which the middle 60% spread 160% of the median: (260 - 100) / 100.
 SCATTERED_MS = [100.0, 100.0, 250.0, 100.0, 300.0]
 
 
-def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path):
+PROGRESS_LINE = re.compile(r"\[(\d+)/(\d+)\] \d+\.\d s  (.+)")
+
+
+@ON_CPU
+def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
+    """The whole suite, in-process, at its smallest: what it writes, reports and prints (no timings)."""
     out = tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "-m", "gcoffload", "bench", "--out", str(out), "--warmup", "1", "--steps", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "CPU smoke run" in result.stderr and "100%" in result.stderr, "the note and a progress bar"
+    threads = torch.get_num_threads()
+    assert main(["bench", "--out", str(out), "--warmup", "1", "--steps", "2"]) == 0
+    assert torch.get_num_threads() == threads, "the run's one torch thread is given back"
+    printed = capsys.readouterr()
+    assert printed.err.startswith("CPU smoke run: no GPU was found"), "the note comes first"
+    progress = [match.groups() for match in map(PROGRESS_LINE.fullmatch, printed.err.splitlines()) if match]
+    total = len(progress)
+    assert [(int(index), int(of)) for index, of, _ in progress] == [(i, total) for i in range(1, total + 1)]
+    labels = [label for _, _, label in progress]
+    hf = [f"hf {mode}: {name}" for mode in ("full", "lora") for name in hf_step.STRATEGIES]
+    assert labels == [
+        "copy 1 MiB",
+        "copy 4 MiB",
+        "copy 16 MiB",
+        *(f"stack smoke L=4 1x256: {name}" for name in STRATEGIES),
+        *(hf if suite._hf_installed() else []),
+        "autopilot smoke L=4 1x256: profile",
+        *(f"autopilot smoke L=4 1x256: {name}" for name in AUTOPILOT_RUNS),
+        *(f"host cost: set up {name}" for name in host_cost.VARIANTS),
+        "host cost: 20 interleaved steps of 6 variants, 32 layers",
+        "write results.json, summary.md and PNGs",
+    ], "every phase is announced before it runs, the host cost's steps and the writing included"
+    assert re.search(r"\ndone in \d+\.\d s\n$", printed.err)
+
     results = json.loads((out / "results.json").read_text())
-    assert results["environment"]["smoke_run"] is True
+    assert results["suite"] == "cpu-smoke" and results["note"] == suite.SMOKE_NOTE
+    assert results["environment"]["smoke_run"] is True and results["environment"]["torch_threads"] == 1
     assert results["environment"]["torch"] == torch.__version__
     assert [row["size"] for row in results["copy_bandwidth"]] == ["1 MiB", "4 MiB", "16 MiB"]
     (stack,) = results["stacks"]
+    assert stack["label"] == "smoke L=4 1x256"
     assert [row["strategy"] for row in stack["strategies"]] == list(STRATEGIES)
     for row in stack["strategies"]:
         assert row["step_ms"]["p20"] <= row["step_ms"]["median"] <= row["step_ms"]["p80"]
+        assert "noisy" in row
     gcoffload_row = next(row for row in stack["strategies"] if row["strategy"] == "gcoffload-d1")
     assert gcoffload_row["host_allocations_after_warmup"] == 0
     assert gcoffload_row["offloads_per_step"] == 3 and gcoffload_row["prefetch_hits_per_step"] == 3
     assert any(entry["op"] == "offload" for entry in stack["timeline"])
-    if importlib.util.find_spec("transformers"):
+    if suite._hf_installed():
         strategies = {(row["mode"], row["strategy"]) for row in results["hf_step"]["rows"]}
         assert ("lora", "gcoffload") in strategies and ("full", "hf-checkpoint") in strategies
     runs = results["autopilot"]["runs"]
-    assert [row["run"] for row in runs] == [
-        "checkpoint",
-        "offload",
-        "autopilot 0%",
-        "autopilot 40%",
-        "autopilot 80%",
-    ]
+    assert [row["run"] for row in runs] == AUTOPILOT_RUNS
     assert all(row["predicted_ms"] > 0 and row["plan"].startswith("gcoffload plan for") for row in runs[2:])
     assert runs[2]["modes"] == {"offload": 4}  # the least-memory budget
     host = {row["variant"]: row for row in results["host_cost"]["rows"]}
-    assert host["torch reentrant"]["vs_torch_reentrant"] == 1.0 and "gcoffload reentrant + autopilot" in host
+    assert (
+        host["torch reentrant"]["vs_torch_same_path"]
+        == host["torch non-reentrant"]["vs_torch_same_path"]
+        == 1.0
+    )
+    assert "gcoffload reentrant + autopilot" in host
+    assert results["host_cost"]["layers"] == 32 and results["host_cost"]["steps"] == 20
+
     summary = (out / "summary.md").read_text()
+    assert summary == suite._summary(results) + "\n" and printed.out.startswith(summary)
     assert "CPU smoke run" in summary and "| gcoffload-d1 |" in summary
     assert "### autopilot" in summary and "### host cost per checkpointed layer" in summary
+    assert f"wrote {out / 'results.json'}, {out / 'summary.md'}" in printed.out
     if importlib.util.find_spec("matplotlib"):
-        assert (out / "timeline-0-smoke-2x256.png").stat().st_size > 10_000
-        assert (out / "strategies-0-smoke-2x256.png").stat().st_size > 10_000
+        assert (out / "timeline-0-smoke-1x256.png").stat().st_size > 10_000
+        assert (out / "strategies-0-smoke-1x256.png").stat().st_size > 10_000
+
+
+def test_full_chooses_the_larger_cpu_sizes(capsys):
+    parser = argparse.ArgumentParser(prog="bench")
+    suite.add_arguments(parser)
+    cpu = torch.device("cpu")
+    assert suite.select_suite(cpu, full=False) is suite.SMOKE_SUITE
+    full = suite.select_suite(cpu, full=True)
+    assert full is suite.CPU_FULL_SUITE and full.host_steps > suite.SMOKE_SUITE.host_steps
+    args = parser.parse_args(["--full", "--tokens", "2x256"])
+    assert [config.label for config in suite._stacks(full, suite.SCENARIOS, args, parser)] == [
+        "smoke L=4 2x256"
+    ]
+    with pytest.raises(SystemExit):
+        suite._stacks(suite.SMOKE_SUITE, suite.SCENARIOS, args, parser)
+    assert "the CPU smoke run has no 2x256; choose from 1x256 (--full runs it)" in capsys.readouterr().err
+    assert suite.select_suite(torch.device("cuda"), full=False) is suite.GPU_SUITE
+    assert suite.select_suite(torch.device("cuda"), full=True) is suite.GPU_SUITE
 
 
 def test_every_strategy_computes_the_same_step():
@@ -230,7 +279,7 @@ def test_stacks_are_cut_to_the_layers_that_fit_in_device_memory():
         ),
         pytest.param(
             ["--tokens", "9x9"],
-            "argument --tokens: the CPU smoke run has no 9x9; choose from 2x256",
+            "argument --tokens: the CPU smoke run has no 9x9; choose from 1x256",
             marks=ON_CPU,
         ),
     ],
@@ -293,6 +342,85 @@ def test_noisy_step_times_and_copies_too_slow_to_be_real_are_named():
     assert noise.diagnose([100.0], slow) == "raw D2H 0.07, raw H2D 0.05 GB/s < 0.1 GB/s"
 
 
+def test_rows_that_do_the_same_work_yet_differ_beyond_what_the_work_allows_are_named():
+    honest = {"none": 100.0, "checkpoint": 133.0, "naive": 199.0, "gcoffload-d1": 140.0}
+    assert noise.implausible_rows(honest) == {}, "a recompute and exposed copies: at most about 2x"
+    assert noise.implausible_rows({"none": 100.0, "checkpoint": 2400.0, "naive": 301.0}) == {
+        "checkpoint": "step time 24.0x the fastest (none) > 3x for the same work",
+        "naive": "step time 3.0x the fastest (none) > 3x for the same work",
+    }
+    assert noise.implausible_rows({"alone": 100.0}) == {}
+    rows = [
+        {"strategy": "checkpoint", "median_ms": 2400.0, "noisy": "step times spread 30% > 20%"},
+        {"strategy": "none", "median_ms": 100.0, "noisy": None},
+        {"strategy": "gcoffload-d1", "oom": True},
+        {"strategy": "save_on_cpu", "median_ms": 900.0},
+    ]
+    noise.mark_implausible(rows, "strategy")
+    assert [row.get("noisy") for row in rows] == [
+        "step times spread 30% > 20%; step time 24.0x the fastest (none) > 3x for the same work",
+        None,
+        None,
+        "step time 9.0x the fastest (none) > 3x for the same work",
+    ]
+
+
+def _steady_then_slow() -> Callable[..., list[float]]:
+    """``common.time_steps`` of a run whose first row ran alone and whose later ones shared the cores:
+    every row's own steps are steady, only the comparison across rows shows the machine was busy."""
+    calls = itertools.count()
+    return lambda *args, **kwargs: STEADY_MS if next(calls) == 0 else [24 * value for value in STEADY_MS]
+
+
+STEADY_MS = [100.0, 101.0, 100.0, 99.0, 100.0]
+
+
+def test_rows_of_one_stack_autopilot_and_mode_that_differ_24x_are_marked_noisy(monkeypatch):
+    cpu, config = torch.device("cpu"), StackConfig(SMOKE, layers=2, batch=1, length=32)
+    monkeypatch.setattr(common, "time_steps", _steady_then_slow())
+    strategies = [STRATEGIES["checkpoint"], STRATEGIES["gcoffload-d1"]]
+    stack = stack_overlap.run(config, strategies, cpu, torch.float32, warmup=0, steps=5)
+    assert [row["noisy"] for row in stack["strategies"]] == [
+        None,
+        "step time 24.0x the fastest (checkpoint) > 3x for the same work",
+    ]
+    monkeypatch.setattr(common, "time_steps", _steady_then_slow())
+    autopilot_result = autopilot.run(config, cpu, torch.float32, warmup=0, steps=5)
+    runs = autopilot_result["runs"]
+    assert [row["noisy"] for row in runs] == [None] + 4 * [
+        "step time 24.0x the fastest (checkpoint) > 3x for the same work"
+    ]
+    results = {
+        "environment": common.environment(cpu),
+        "suite": "cpu-smoke",
+        "stacks": [stack],
+        "autopilot": autopilot_result,
+    }
+    reason = "step time 24.0x the fastest (checkpoint) > 3x for the same work"
+    assert suite._noisy_measurements(results) == [
+        f"smoke L=2 1x32 gcoffload-d1: {reason}",
+        *(f"autopilot {name}: {reason}" for name in AUTOPILOT_RUNS[1:]),
+    ]
+    assert NOISY_HEADER in suite._summary(results)
+
+
+@pytest.mark.hf
+def test_the_strategies_of_one_transformers_mode_are_compared_with_each_other(monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.setattr(common, "time_steps", _steady_then_slow())
+    tiny = hf_step.HFConfig(32, 64, 2, 2, 1, 64, batch=1, length=8)
+    rows = hf_step.run(tiny, torch.device("cpu"), torch.float32, warmup=0, steps=5)["rows"]
+    measured = {(row["mode"], row["strategy"]): row.get("noisy") for row in rows if "median_ms" in row}
+    reason = "step time 24.0x the fastest (hf-checkpoint) > 3x for the same work"
+    assert measured == {
+        ("full", "hf-checkpoint"): None,
+        ("full", "gcoffload"): reason,
+        ("lora", "hf-checkpoint"): None,  # 24x as slow as full fine-tuning, but not the same work
+        ("lora", "gcoffload"): None,
+    }
+
+
 @pytest.fixture(scope="module")
 def scattered_stack() -> Iterator[dict]:
     """A two-layer stack measured for real, except that every strategy's timed steps scatter."""
@@ -313,7 +441,7 @@ def test_a_noisy_run_is_marked_in_its_tables_and_summary(scattered_stack):
         "stacks": [scattered_stack],
     }
     summary = suite._summary(results)
-    assert "**noisy: these measurements scatter; rerun on an idle machine.**" in summary
+    assert NOISY_HEADER in summary
     assert "- smoke L=2 1x32 checkpoint: step times spread 160% > 20%" in summary
     assert "| checkpoint | 100.0 | 100.0 | 260.0 | +0.0% |" in summary and "| noisy |" in summary
 

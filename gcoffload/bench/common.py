@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import os
 import platform
 import re
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TextIO, TypeVar
 
 import torch
 
@@ -26,6 +28,55 @@ MIB = 1 << 20
 
 # Trace entries that span a wait of the compute stream for a copy (Note [Traced stalls]).
 STALL_OPS = ("fetch",)
+
+
+class Progress:
+    """Progress as plain lines, one per phase as it starts: ``[3/12] 14.2 s  stack smoke ...: naive``.
+
+    Lines, not a redrawn bar, so that a log or a pipe keeps every phase and
+    nothing beyond the standard library is needed. ``total`` is the number of
+    phases announced up front; the seconds are those since the progress began.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.done = 0
+        self._stream = stream
+        self._start = time.perf_counter()
+
+    def __call__(self, label: str, phases: int = 1) -> None:
+        """Announces the next phase (or ``phases`` of them at once, e.g. a stack that was skipped)."""
+        self.done += phases
+        elapsed = time.perf_counter() - self._start
+        stream = self._stream or sys.stderr
+        print(f"[{self.done}/{self.total}] {elapsed:.1f} s  {label}", file=stream, flush=True)
+
+    def finish(self, label: str = "done") -> None:
+        """The last line: how long all phases took."""
+        stream = self._stream or sys.stderr
+        print(f"{label} in {time.perf_counter() - self._start:.1f} s", file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def one_thread_on_the_cpu(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch runs on one intra-op thread inside the block; elsewhere nothing changes.
+
+    With a thread per core (torch's default), another job on the same cores
+    takes a core from one of torch's threads and every parallel region then
+    waits for it at its barrier: a step takes 20-30 times as long, and which
+    strategy it hits is chance. On one thread another job only shares the
+    core, and every strategy computes on the same single core, like the
+    compute stream of a GPU. The previous thread count is restored after.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def synchronize(device: torch.device) -> None:
@@ -121,6 +172,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "transformers": _version("transformers"),
         "peft": _version("peft"),
         "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
         "smoke_run": device.type == "cpu",
     }
 

@@ -154,4 +154,5 @@ def main(argv: list[str] | None = None) -> None:
     device = get_engine().device
     default = GPU_SIZES if device.type != "cpu" else SMOKE_SIZES
     sizes = [size * common.MIB for size in args.sizes_mib] if args.sizes_mib else default
-    print(report(run(sizes, device)))
+    with common.one_thread_on_the_cpu(device):
+        print(report(run(sizes, device)))

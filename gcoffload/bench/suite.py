@@ -6,11 +6,19 @@ model's 16 and 32) at 1x4096, 4x2048 and 1x16384 tokens under every strategy;
 a transformers Llama step; the memory-budget autopilot at three budgets on the
 Llama-1B-like stack at 4x2048 tokens against all-checkpoint and all-offload;
 the host cost per checkpointed layer against torch.utils.checkpoint (always on
-the CPU, where it is all there is to measure). Without a GPU: a small smoke
-run of the same code on the CPU, whose timings say nothing about GPU
-performance.
+the CPU, where it is all there is to measure).
 
-Writes ``results.json``, ``summary.md`` and PNGs into the output directory.
+Without a GPU: a small smoke run of the same code and every scenario on the
+CPU, whose timings say nothing about GPU performance (about 20 s on 2 idle
+cores, extension built); ``--full`` runs the larger CPU sizes of earlier smoke
+runs (the stack and the autopilot at 2x256 tokens, one more warm-up step, the
+host cost over 40 steps; about twice as long). On the CPU the suite
+runs torch on one intra-op thread: with one thread per core, another job on the
+same cores stalls torch's thread pool at every barrier and a step takes 20-30
+times as long, which says nothing about the strategies.
+
+Progress goes to stderr as one line per phase. Writes ``results.json``,
+``summary.md`` and PNGs into the output directory.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
 from ..engine import get_engine
 from . import autopilot, common, copy_bandwidth, hf_step, host_cost, noise, plots, stack_overlap
@@ -49,6 +56,8 @@ class Suite:
     dtype: torch.dtype
     warmup: int
     steps: int
+    host_layers: int = host_cost.LAYERS
+    host_steps: int = host_cost.STEPS
 
 
 GPU_SUITE = Suite(
@@ -66,9 +75,24 @@ GPU_SUITE = Suite(
     warmup=10,
     steps=20,
 )
+# The default without a GPU: every scenario, small enough to run in well under a minute on
+# 2 idle cores. The same code paths as the full sizes; half the tokens and fewer steps.
 SMOKE_SUITE = Suite(
     "cpu-smoke",
     "CPU smoke run",
+    copy_bandwidth.SMOKE_SIZES,
+    (StackConfig(SMOKE, 4, 1, 256),),
+    hf_step.SMOKE_CONFIG,
+    StackConfig(SMOKE, 4, 1, 256),
+    torch.float32,
+    warmup=1,
+    steps=5,
+    host_steps=20,
+)
+# --full without a GPU: the CPU sizes of earlier smoke runs (benchmarks/results/*-cpu-smoke).
+CPU_FULL_SUITE = Suite(
+    "cpu-full",
+    "full CPU run",
     copy_bandwidth.SMOKE_SIZES,
     (StackConfig(SMOKE, 4, 2, 256),),
     hf_step.SMOKE_CONFIG,
@@ -77,11 +101,14 @@ SMOKE_SUITE = Suite(
     warmup=2,
     steps=5,
 )
+SUITES = (GPU_SUITE, SMOKE_SUITE, CPU_FULL_SUITE)
 SCENARIOS = ("copy", "stack", "hf", "autopilot", "host")
-SMOKE_NOTE = (
-    "CPU smoke run: no GPU was found, so a small configuration ran on the CPU, where every copy is a "
-    "synchronous memcpy. Its timings check that the suite works; they say nothing about GPU performance."
+CPU_NOTE = (
+    "{title}: no GPU was found, so a small configuration ran on the CPU (one torch thread), where every "
+    "copy is a synchronous memcpy. Its timings check that the suite works; they say nothing about GPU "
+    "performance."
 )
+SMOKE_NOTE = CPU_NOTE.format(title=SMOKE_SUITE.title)
 SMOKE_TITLE = "CPU smoke run (timings say nothing about GPU performance)"
 HF_MISSING = "needs transformers and peft: pip install 'gcoffload[hf]'"
 
@@ -99,8 +126,18 @@ def _names(suite: Suite, name_of: Callable[[StackConfig], str]) -> list[str]:
 
 
 def _per_device(value_of: Callable[[Suite], object]) -> str:
-    """An option's defaults for its help: "<GPU suite's> on a GPU, <smoke run's> on the CPU"."""
-    return f"{value_of(GPU_SUITE)} on a GPU, {value_of(SMOKE_SUITE)} on the CPU"
+    """An option's defaults for its help: "<GPU suite's> on a GPU, <smoke run's> on the CPU (...)"."""
+    smoke, full = value_of(SMOKE_SUITE), value_of(CPU_FULL_SUITE)
+    return f"{value_of(GPU_SUITE)} on a GPU, {smoke} on the CPU" + (
+        f" ({full} with --full)" if full != smoke else ""
+    )
+
+
+def select_suite(device: torch.device, full: bool) -> Suite:
+    """The suite to run: the GPU suite on a GPU; on the CPU the smoke run, or its full sizes."""
+    if device.type != "cpu":
+        return GPU_SUITE
+    return CPU_FULL_SUITE if full else SMOKE_SUITE
 
 
 def _batch_shape(text: str) -> str:
@@ -139,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shapes",
         nargs="+",
-        choices=_names(GPU_SUITE, _shape) + _names(SMOKE_SUITE, _shape),
+        choices=list(dict.fromkeys(name for suite in SUITES for name in _names(suite, _shape))),
         metavar="SHAPE",
         help=f"stacks to run: {shapes} (default: all)",
     )
@@ -149,6 +186,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_batch_shape,
         metavar="BATCHxLENGTH",
         help=f"batch shapes of the stacks to run: {tokens} (default: all)",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="without a GPU, run the larger CPU sizes instead of the smoke run: the stack and the "
+        f"autopilot at {', '.join(_names(CPU_FULL_SUITE, _tokens))} tokens, "
+        f"{CPU_FULL_SUITE.warmup} warm-up and {CPU_FULL_SUITE.steps} timed steps, the host cost over "
+        f"{CPU_FULL_SUITE.host_layers} layers and {CPU_FULL_SUITE.host_steps} steps (about twice as "
+        "long); on a GPU the full suite always runs",
     )
     parser.add_argument(
         "--warmup",
@@ -181,10 +227,14 @@ def _stacks(
         available = _names(suite, name_of)
         lacking = [name for name in chosen or () if name not in available]
         if lacking:
+            hint = ""
+            if suite is SMOKE_SUITE and all(name in _names(CPU_FULL_SUITE, name_of) for name in lacking):
+                hint = " (--full runs it)"
+            elif suite is not GPU_SUITE:
+                hint = " (the larger stacks need a GPU)"
             parser.error(
                 f"argument {option}: the {suite.title} has no {', '.join(lacking)}; "
-                f"choose from {', '.join(available)}"
-                + (" (the larger stacks need a GPU)" if suite is SMOKE_SUITE else "")
+                f"choose from {', '.join(available)}{hint}"
             )
         if chosen:
             stacks = [config for config in stacks if name_of(config) in chosen]
@@ -194,7 +244,7 @@ def _stacks(
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Runs the scenarios ``args`` select (see :func:`add_arguments`); ``parser`` reports what cannot run."""
     device = get_engine().device
-    suite = SMOKE_SUITE if device.type == "cpu" else GPU_SUITE
+    suite = select_suite(device, args.full)
     scenarios = args.scenarios or SCENARIOS
     hf_installed = _hf_installed()
     if args.scenarios and "hf" in args.scenarios and not hf_installed:
@@ -203,52 +253,64 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     warmup = suite.warmup if args.warmup is None else args.warmup
     steps = suite.steps if args.steps is None else args.steps
     run_hf = "hf" in scenarios and hf_installed
-    if device.type == "cpu":
-        print(SMOKE_NOTE, file=sys.stderr)
+    note = CPU_NOTE.format(title=suite.title) if device.type == "cpu" else None
+    if note is not None:
+        print(note, file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
 
     total = (len(suite.copy_sizes) if "copy" in scenarios else 0) + len(stacks) * len(STRATEGIES)
     total += 2 * len(hf_step.STRATEGIES) if run_hf else 0
     total += autopilot.RUNS if "autopilot" in scenarios else 0
-    total += len(host_cost.VARIANTS) if "host" in scenarios else 0
-    results: dict[str, Any] = {"environment": common.environment(device), "suite": suite.name}
-    if device.type == "cpu":
-        results["note"] = SMOKE_NOTE
-    with tqdm(total=total, desc="gcoffload bench", unit="run", file=sys.stderr) as progress:
-
-        def advance(label: str) -> None:
-            progress.set_postfix_str(label)
-            progress.update()
-
-        if "copy" in scenarios:
-            results["copy_bandwidth"] = copy_bandwidth.run(suite.copy_sizes, device, advance)
-        results["stacks"], results["stacks_that_did_not_fit"] = [], []
-        for config in stacks:
-            # Fitted now, not up front: the previous stack's memory is free again.
-            fitted = config.fitted(suite.dtype, common.free_bytes(device))
-            if fitted.layers == 0:
-                results["stacks_that_did_not_fit"].append(config.label)
-                progress.update(len(STRATEGIES))
-                continue
-            results["stacks"].append(
-                stack_overlap.run(
-                    fitted, list(STRATEGIES.values()), device, suite.dtype, warmup, steps, advance
-                )
-            )
-        if run_hf:
-            results["hf_step"] = hf_step.run(suite.hf, device, suite.dtype, warmup, steps, advance)
-        elif "hf" in scenarios:
-            results["hf_step"] = {"skipped": HF_MISSING}
-        if "autopilot" in scenarios:
-            fitted = suite.autopilot.fitted(suite.dtype, common.free_bytes(device))
-            results["autopilot"] = autopilot.run(fitted, device, suite.dtype, warmup, steps, advance)
-        if "host" in scenarios:
-            results["host_cost"] = host_cost.run(advance=advance)
-
+    total += host_cost.PHASES if "host" in scenarios else 0
+    progress = common.Progress(total + 1)  # and writing the results
+    results: dict[str, Any] = {"environment": None, "suite": suite.name}
+    if note is not None:
+        results["note"] = note
+    with common.one_thread_on_the_cpu(device):
+        results["environment"] = common.environment(device)  # with the run's thread count
+        _run(results, suite, scenarios, stacks, run_hf, device, warmup, steps, progress)
+    progress("write results.json, summary.md and PNGs")
     written = _write(results, args.out)
+    progress.finish()
     print(_summary(results))
     print("\nwrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _run(
+    results: dict[str, Any],
+    suite: Suite,
+    scenarios: Sequence[str],
+    stacks: Sequence[StackConfig],
+    run_hf: bool,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    advance: common.Progress,
+) -> None:
+    """Runs the selected scenarios into ``results``, each phase announced to ``advance``."""
+    if "copy" in scenarios:
+        results["copy_bandwidth"] = copy_bandwidth.run(suite.copy_sizes, device, advance)
+    results["stacks"], results["stacks_that_did_not_fit"] = [], []
+    for config in stacks:
+        # Fitted now, not up front: the previous stack's memory is free again.
+        fitted = config.fitted(suite.dtype, common.free_bytes(device))
+        if fitted.layers == 0:
+            results["stacks_that_did_not_fit"].append(config.label)
+            advance(f"stack {config.label}: not one layer fits, skipped", phases=len(STRATEGIES))
+            continue
+        results["stacks"].append(
+            stack_overlap.run(fitted, list(STRATEGIES.values()), device, suite.dtype, warmup, steps, advance)
+        )
+    if run_hf:
+        results["hf_step"] = hf_step.run(suite.hf, device, suite.dtype, warmup, steps, advance)
+    elif "hf" in scenarios:
+        results["hf_step"] = {"skipped": HF_MISSING}
+    if "autopilot" in scenarios:
+        fitted = suite.autopilot.fitted(suite.dtype, common.free_bytes(device))
+        results["autopilot"] = autopilot.run(fitted, device, suite.dtype, warmup, steps, advance)
+    if "host" in scenarios:
+        results["host_cost"] = host_cost.run(suite.host_steps, suite.host_layers, advance)
 
 
 def _noisy_measurements(results: dict[str, Any]) -> list[str]:
@@ -279,7 +341,8 @@ def _summary(results: dict[str, Any]) -> str:
     if noisy:
         parts += [
             "",
-            f"**noisy: these measurements scatter; {noise.ADVICE}.**",
+            f"**noisy: these measurements scatter, or take over {noise.MAX_STEP_RATIO:g}x as long as rows "
+            f"that do the same work (which the work cannot explain); {noise.ADVICE}.**",
             *(f"- {line}" for line in noisy),
         ]
     if "copy_bandwidth" in results:
