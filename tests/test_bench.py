@@ -62,7 +62,7 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
         "autopilot smoke L=4 1x256: profile",
         *(f"autopilot smoke L=4 1x256: {name}" for name in AUTOPILOT_RUNS),
         *(f"host cost: set up {name}" for name in host_cost.VARIANTS),
-        "host cost: 20 interleaved steps of 6 variants, 32 layers",
+        f"host cost: 20 interleaved steps of 6 variants, {host_cost.LAYERS} layers",
         "write results.json, summary.md and PNGs",
     ], "every phase is announced before it runs, the host cost's steps and the writing included"
     assert re.search(r"\ndone in \d+\.\d s\n$", printed.err)
