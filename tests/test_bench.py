@@ -96,7 +96,7 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
         == 1.0
     )
     assert "gcoffload reentrant + autopilot" in host
-    assert results["host_cost"]["layers"] == 32 and results["host_cost"]["steps"] == 20
+    assert results["host_cost"]["layers"] == host_cost.LAYERS and results["host_cost"]["steps"] == 20
 
     summary = (out / "summary.md").read_text()
     assert summary == suite._summary(results) + "\n" and printed.out.startswith(summary)
