@@ -1,7 +1,8 @@
 """The memory-budget autopilot: keep, checkpoint or offload each layer, for the fastest step that fits.
 
 * :mod:`.autopilot`: :class:`Autopilot`, which runs each layer call as its plan says.
-* :mod:`.plan_cache`: plans per shape bucket.
+* :mod:`.passes`, :mod:`.mode_options`, :mod:`.plan_cache`: where a pass begins, what each
+  layer runs with, and the plans per shape bucket.
 * :mod:`.profile_step` and :mod:`.measure`: the profile step and what it measures.
 * :mod:`.profile`: the measured numbers (:class:`Profile`, :class:`LayerProfile`, :class:`CopyProfile`).
 * :mod:`.planner`: :func:`plan`, :func:`predict`, :func:`least_memory`: pure functions of a profile.

@@ -18,19 +18,11 @@ budget too small for any plan raises at the end of the profile step's
 forward pass; ``"auto"`` warns and runs in the least memory instead, and is
 read again at every pass (Note [What "auto" leaves free] in budget.py).
 
-Note [Which calls are a pass]
-~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-The autopilot sees layer calls in training mode with grad enabled, each with
-its index in the stack. A call whose index is not above the previous call's
-begins a new forward pass; the bucket is chosen at the first call of a pass.
-Recomputes in backward do not come through the checkpointer, and evaluation
-(``no_grad`` or ``eval()``) does not either.
-
 Note [The autopilot under torch.compile]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 The autopilot's bookkeeping (pass tracking, shape buckets, plans, profile
 steps) reads concrete sizes and keeps Python state across calls, which a
-compiled graph cannot hold: :meth:`Autopilot._options` and
+compiled graph cannot hold: :meth:`Autopilot._options_for` and
 :meth:`Autopilot._ran` are left out of tracing (``torch.compiler.disable``),
 so a compiled model runs them eagerly between its graphs, and the layer
 itself is traced as usual.
@@ -54,8 +46,10 @@ from ..checkpointing.saved_input import can_save
 from ..engine import get_engine
 from .budget import MemoryBudget, gradient_bytes_to_come
 from .measure import LayerMeter, measure_copies
+from .mode_options import ModeOptions
+from .passes import PassTracker
 from .plan_cache import PlanCache, bucket_tokens, tokens_of
-from .planner import Mode, Plan, least_memory, plan
+from .planner import Plan, least_memory, plan
 from .profile import CopyProfile, LayerProfile, Profile
 from .profile_step import ProfileStep
 
@@ -110,17 +104,10 @@ class Autopilot:
         self.plan: Plan | None = None  # the plan of the current pass
         self._on_plan = on_plan
         self._copies: dict[tuple[torch.device, int], CopyProfile] = {}
-        checkpoint = OffloadOptions(False, options.prefetch_depth, 0, options.min_offload_bytes)
-        offload = OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes)
-        # The first pass, profile steps, and layers a plan has no mode for (a plain layer checkpointed
-        # after all, one the profile step never saw) take the least memory the options allow.
-        self._least_memory = offload if options.offload else checkpoint
-        # What a planned layer runs with per mode: None keeps the layer.
-        self._options = {Mode.KEEP: None, Mode.CHECKPOINT: checkpoint, Mode.OFFLOAD: offload}
-        self._planned: tuple[OffloadOptions | None, ...] = ()  # per layer, from the plan in force
+        self._modes = ModeOptions(options)
+        self._passes = PassTracker()
         self._profiling: ProfileStep | None = None
         self._timing_backward: ProfileStep | None = None  # measured forward, backward still to time
-        self._last_index: int | None = None  # of the previous call, None before a pass
         self._warm = False  # a first pass has run: profile steps measure from now on
         self._force_profile = False
 
@@ -171,16 +158,17 @@ class Autopilot:
                     self._finish_profile()
             return None, None
         if profiling is None:
-            options = self._planned[index] if index < len(self._planned) else self._least_memory
+            options = self._modes.for_layer(index)
             if options is None:
                 counters.count(hidden.device, "kept_layers")
             return options, None
         counters.count(hidden.device, "profiled_layers")
-        meter = profiling.meter(call, can_save(hidden) and self._least_memory.offloads(hidden))
+        least_memory = self._modes.least_memory
+        meter = profiling.meter(call, can_save(hidden) and least_memory.offloads(hidden))
         if index == self.layer_count - 1:  # kept: see BackwardClock
             counters.count(hidden.device, "kept_layers")
             return None, meter
-        return self._least_memory, meter
+        return least_memory, meter
 
     @torch.compiler.disable
     def _ran(self, index: int, output: Any) -> None:
@@ -201,7 +189,7 @@ class Autopilot:
             RuntimeError: ``step`` ran no layer in training mode with grad enabled.
         """
         self._force_profile = True
-        self._last_index = None
+        self._passes.restart()
         self.plan = None
         step()
         if self._profiling is not None:
@@ -232,11 +220,11 @@ class Autopilot:
         if self._timing_backward is not None:
             self._finish_backward()
         self.cache.store(bucket_tokens(chosen.tokens), chosen, None)
-        self._last_index = None
+        self._passes.restart()
 
     def _begin_call(self, index: int, hidden: torch.Tensor) -> None:
-        previous, self._last_index = self._last_index, index
-        if previous is not None and index > previous:
+        """Notes layer ``index``'s call; the first call of a pass picks the plan, or a profile step."""
+        if not self._passes.begins_pass(index):
             return
         if self._profiling is not None:
             self._finish_profile()
@@ -255,7 +243,8 @@ class Autopilot:
             # The first pass pays one-time costs (kernel loading, allocator growth, the backward engine's
             # threads) that would skew the measurements: it runs in the least memory, unmeasured.
             self._warm = True
-            self.plan, self._planned = None, ()
+            self.plan = None
+            self._modes.follow(None)
         elif chosen is None:
             self._start_profile(bucket, tokens, hidden)
         else:
@@ -297,7 +286,7 @@ class Autopilot:
 
     def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor) -> None:
         self.plan = None
-        self._planned = ()
+        self._modes.follow(None)
         self._profiling = ProfileStep(bucket, tokens, self._budget_bytes(hidden.device), self.layer_count)
 
     def _finish_profile(self) -> None:
@@ -358,14 +347,14 @@ class Autopilot:
 
     def _set_plan(self, chosen: Plan) -> None:
         self.plan = chosen
-        self._planned = tuple(self._options.get(mode, self._least_memory) for mode in chosen.modes)
+        self._modes.follow(chosen)
         if self._on_plan is not None:
             self._on_plan(chosen)
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling keeps: budget, plans and profiles; a pass in progress starts afresh."""
         state = dict(self.__dict__)
-        state.update(_profiling=None, _timing_backward=None, _last_index=None)
+        state.update(_profiling=None, _timing_backward=None, _passes=PassTracker())
         return state
 
     def __repr__(self) -> str:
