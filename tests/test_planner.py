@@ -86,7 +86,7 @@ def test_the_program_finds_the_fastest_plan_that_fits(seed):
         )
     ]
     for budget in range(low, high + 1, (high - low) // 25):
-        chosen = gcoffload.autopilot.plan(profile, budget)
+        chosen = gcoffload.autopilot.fastest_plan(profile, budget)
         assert chosen.peak_bytes <= budget
         # Bytes are rounded up to 1/8192 of the stack's total: the best plan with that slack less is the bar.
         fitting = [option.step_seconds for option in every_plan if option.peak_bytes <= budget - 6 * unit]
@@ -100,14 +100,14 @@ def test_more_budget_never_predicts_a_slower_step_and_every_plan_fits(copies):
     low, high = bounds(profile)
     previous = None
     for budget in [*range(low, high, max(1, (high - low) // 60)), high]:
-        chosen = gcoffload.autopilot.plan(profile, budget)
+        chosen = gcoffload.autopilot.fastest_plan(profile, budget)
         assert chosen.peak_bytes <= budget
         if previous is not None:
             assert chosen.step_seconds <= previous.step_seconds
             assert chosen.held_bytes >= previous.held_bytes - 64 * MiB  # uses the memory it is given
         previous = chosen
     assert set(previous.modes) == {Mode.KEEP}
-    assert gcoffload.autopilot.plan(profile, low).step_seconds > previous.step_seconds
+    assert gcoffload.autopilot.fastest_plan(profile, low).step_seconds > previous.step_seconds
 
 
 def test_budgets_between_the_extremes_use_the_memory():
@@ -115,7 +115,7 @@ def test_budgets_between_the_extremes_use_the_memory():
     low, high = bounds(profile)
     for fraction in (0.25, 0.5, 0.75):
         budget = int(low + fraction * (high - low))
-        chosen = gcoffload.autopilot.plan(profile, budget)
+        chosen = gcoffload.autopilot.fastest_plan(profile, budget)
         kept = chosen.modes.count(Mode.KEEP)
         assert 0 < kept < 16
         # One more kept layer would not fit: the plan leaves less than a layer's activations unused.
@@ -125,9 +125,9 @@ def test_budgets_between_the_extremes_use_the_memory():
 def test_a_budget_below_the_least_memory_plan_names_the_minimum():
     profile = decoder_profile(8, input_mib=4, forward_ms=1.0)
     low, _ = bounds(profile)
-    gcoffload.autopilot.plan(profile, low)
+    gcoffload.autopilot.fastest_plan(profile, low)
     with pytest.raises(ValueError, match=rf"below the {low / MiB:.2f} MiB the layers need") as error:
-        gcoffload.autopilot.plan(profile, low - 1)
+        gcoffload.autopilot.fastest_plan(profile, low - 1)
     assert "every input that can leave the device offloaded" in str(error.value)
 
 
@@ -136,9 +136,9 @@ def test_offload_is_chosen_only_where_memory_needs_it_when_its_copy_cannot_hide(
     profile = decoder_profile(8, input_mib=4, forward_ms=0.02)
     low, _ = bounds(profile)
     all_checkpoint = gcoffload.autopilot.predict(profile, ["checkpoint"] * 8)
-    roomy = gcoffload.autopilot.plan(profile, all_checkpoint.peak_bytes)
+    roomy = gcoffload.autopilot.fastest_plan(profile, all_checkpoint.peak_bytes)
     assert Mode.OFFLOAD not in roomy.modes
-    tight = gcoffload.autopilot.plan(profile, low)
+    tight = gcoffload.autopilot.fastest_plan(profile, low)
     assert tight.modes.count(Mode.OFFLOAD) >= 1
     assert tight.step_seconds > roomy.step_seconds
     assert sum(layer.exposed_copy_seconds for layer in tight.layers) > 0
@@ -153,7 +153,7 @@ def test_offload_that_hides_costs_nothing_but_the_last_layers_fetch():
     assert exposed[:-1] == [0.0] * 7
     assert exposed[-1] == pytest.approx(4 * MiB / 50e9, rel=1e-9)  # fetched on demand
     assert offloaded.step_seconds == pytest.approx(checkpointed.step_seconds + exposed[-1])
-    tight = gcoffload.autopilot.plan(profile, bounds(profile)[0])
+    tight = gcoffload.autopilot.fastest_plan(profile, bounds(profile)[0])
     assert tight.mode(7) is not Mode.OFFLOAD or tight.modes.count(Mode.OFFLOAD) == 8
 
 
@@ -225,7 +225,7 @@ def test_plans_with_arguments_stay_within_the_budget():
     profile = dataclasses.replace(base, layers=layers, arguments=(5 * MiB, 2 * MiB))
     low, high = bounds(profile)
     for budget in range(low, high + 1, max(1, (high - low) // 20)):
-        chosen = gcoffload.autopilot.plan(profile, budget)
+        chosen = gcoffload.autopilot.fastest_plan(profile, budget)
         assert chosen.peak_bytes <= budget
         assert chosen == gcoffload.autopilot.predict(profile, chosen.modes, budget)
 
@@ -234,7 +234,7 @@ def test_plain_layers_stay_plain_and_non_offloadable_inputs_stay_on_the_device()
     frozen = LayerProfile(0, False, 0, MiB, False, False, False, 1e-3)
     small = [LayerProfile(index, True, 8 * MiB, MiB, False, True, False, 1e-3) for index in (1, 2, 3)]
     profile = Profile((frozen, *small), GPU_COPIES, 128)
-    chosen = gcoffload.autopilot.plan(profile, bounds(profile)[0])
+    chosen = gcoffload.autopilot.fastest_plan(profile, bounds(profile)[0])
     assert chosen.modes == (Mode.PLAIN, Mode.CHECKPOINT, Mode.CHECKPOINT, Mode.CHECKPOINT)
     with pytest.raises(ValueError, match="layer 1 cannot be offload"):
         gcoffload.autopilot.predict(profile, ["plain", "offload", "keep", "keep"])
@@ -243,7 +243,7 @@ def test_plain_layers_stay_plain_and_non_offloadable_inputs_stay_on_the_device()
 def test_summary_has_a_row_per_layer_and_the_totals():
     profile = decoder_profile(4, input_mib=2, forward_ms=1.0)
     low, high = bounds(profile)
-    text = gcoffload.autopilot.plan(profile, (low + high) // 2).summary()
+    text = gcoffload.autopilot.fastest_plan(profile, (low + high) // 2).summary()
     lines = text.splitlines()
     assert len(lines) == 2 + 4 + 1
     assert (
@@ -270,6 +270,6 @@ def test_scaling_a_profile_to_more_tokens_scales_bytes_and_time():
 )
 def test_bad_arguments(arguments, message):
     with pytest.raises(ValueError, match=message):
-        gcoffload.autopilot.plan(decoder_profile(2, 1, 1.0), **arguments)
+        gcoffload.autopilot.fastest_plan(decoder_profile(2, 1, 1.0), **arguments)
     with pytest.raises(TypeError, match="profile must be a gcoffload Profile"):
-        gcoffload.autopilot.plan("profile", 1 << 30)
+        gcoffload.autopilot.fastest_plan("profile", 1 << 30)

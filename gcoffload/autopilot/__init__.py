@@ -5,12 +5,12 @@
   layer runs with, and the plans per shape bucket.
 * :mod:`.profile_step` and :mod:`.measure`: the profile step and what it measures.
 * :mod:`.profile`: the measured numbers (:class:`Profile`, :class:`LayerProfile`, :class:`CopyProfile`).
-* :mod:`.planner`: :func:`plan`, :func:`predict`, :func:`least_memory`: pure functions of a profile.
+* :mod:`.planner`: :func:`fastest_plan`, :func:`predict`, :func:`least_memory`: pure functions of a profile.
 * :mod:`.budget`: what ``memory_budget=`` accepts.
 """
 
 from .autopilot import Autopilot
-from .planner import LayerPlan, Mode, Plan, least_memory, plan, predict
+from .planner import LayerPlan, Mode, Plan, fastest_plan, least_memory, predict
 from .profile import CopyProfile, LayerProfile, Profile
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
     "Mode",
     "Plan",
     "Profile",
+    "fastest_plan",
     "least_memory",
-    "plan",
     "predict",
 ]

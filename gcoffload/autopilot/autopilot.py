@@ -11,7 +11,7 @@ the first forward pass at a new input size is a *profile step*: every layer
 is checkpointed and offloaded (the least memory; the last layer is kept,
 which costs no more) while its real forward pass is measured
 (:mod:`.measure`). When its last layer has been measured, a plan is made
-(:func:`gcoffload.autopilot.planner.plan`); when the next pass begins, the
+(:func:`gcoffload.autopilot.planner.fastest_plan`); when the next pass begins, the
 profile step's backward pass has been timed too, and the plan is made again
 with the measured backward time, logged once, and used from that pass on. A
 budget too small for any plan raises at the end of the profile step's
@@ -49,7 +49,7 @@ from .measure import LayerMeter, measure_copies
 from .mode_options import ModeOptions
 from .passes import PassTracker
 from .plan_cache import PlanCache, bucket_tokens, tokens_of
-from .planner import Plan, least_memory, plan
+from .planner import Plan, fastest_plan, least_memory
 from .profile import CopyProfile, LayerProfile, Profile
 from .profile_step import ProfileStep
 
@@ -101,7 +101,7 @@ class Autopilot:
         self.prefetch_depth = options.prefetch_depth
         self.layer_count = layer_count
         self.cache = PlanCache()
-        self.plan: Plan | None = None  # the plan of the current pass
+        self.plan_in_force: Plan | None = None  # the plan of the current pass
         self._on_plan = on_plan
         self._copies: dict[tuple[torch.device, int], CopyProfile] = {}
         self._modes = ModeOptions(options)
@@ -190,21 +190,21 @@ class Autopilot:
         """
         self._force_profile = True
         self._passes.restart()
-        self.plan = None
+        self.plan_in_force = None
         step()
         if self._profiling is not None:
             self._finish_profile()
         if self._timing_backward is not None:
             self._finish_backward()
-        if self._force_profile or self.plan is None:
+        if self._force_profile or self.plan_in_force is None:
             self._force_profile = False
             raise RuntimeError(
                 "Autopilot.profile: the step ran no layer of this stack in training mode with grad enabled"
             )
-        return self.plan
+        return self.plan_in_force
 
     def use(self, chosen: Plan) -> None:
-        """Uses ``chosen`` (from :func:`~gcoffload.autopilot.plan` or ``predict``) for its shape bucket.
+        """Uses ``chosen`` (from ``fastest_plan`` or ``predict``) for its shape bucket.
 
         Under ``memory_budget="auto"`` a pinned plan is re-planned like any
         other when free memory shrinks below it.
@@ -243,14 +243,14 @@ class Autopilot:
             # The first pass pays one-time costs (kernel loading, allocator growth, the backward engine's
             # threads) that would skew the measurements: it runs in the least memory, unmeasured.
             self._warm = True
-            self.plan = None
+            self.plan_in_force = None
             self._modes.follow(None)
         elif chosen is None:
             self._start_profile(bucket, tokens, hidden)
         else:
             if self.budget.auto:
                 chosen = self._within_auto_budget(bucket, tokens, chosen, hidden)
-            if chosen is not None and chosen is not self.plan:
+            if chosen is not None and chosen is not self.plan_in_force:
                 self._set_plan(chosen)
 
     def _within_auto_budget(
@@ -285,7 +285,7 @@ class Autopilot:
         return self.budget.resolve(device, still_to_come)
 
     def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor) -> None:
-        self.plan = None
+        self.plan_in_force = None
         self._modes.follow(None)
         self._profiling = ProfileStep(bucket, tokens, self._budget_bytes(hidden.device), self.layer_count)
 
@@ -330,7 +330,7 @@ class Autopilot:
             ValueError: a budget the user gave is below the least memory the layers take.
         """
         try:
-            return plan(profile, budget, prefetch_depth=self.prefetch_depth)
+            return fastest_plan(profile, budget, prefetch_depth=self.prefetch_depth)
         except ValueError:
             if not self.budget.auto:
                 raise
@@ -346,7 +346,7 @@ class Autopilot:
         return least
 
     def _set_plan(self, chosen: Plan) -> None:
-        self.plan = chosen
+        self.plan_in_force = chosen
         self._modes.follow(chosen)
         if self._on_plan is not None:
             self._on_plan(chosen)

@@ -79,7 +79,7 @@ import torch
 
 from .profile import LayerProfile, Profile
 
-__all__ = ["LayerPlan", "Mode", "Plan", "least_memory", "plan", "predict"]
+__all__ = ["LayerPlan", "Mode", "Plan", "fastest_plan", "least_memory", "predict"]
 
 _RESOLUTION = 8192
 
@@ -376,7 +376,7 @@ def _check_depth(prefetch_depth: int) -> int:
     return prefetch_depth
 
 
-def plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Plan:
+def fastest_plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Plan:
     """The fastest modes whose predicted peak activation memory fits ``memory_budget``.
 
     See Notes [The time model], [The memory model] and [Why an exact dynamic program].
@@ -394,7 +394,7 @@ def plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Pl
             offloaded (the message says that minimum), or an argument is invalid.
     """
     _check_budget(memory_budget)
-    model = _Model(_check_profile(profile, "plan"), _check_depth(prefetch_depth))
+    model = _Model(_check_profile(profile, "fastest_plan"), _check_depth(prefetch_depth))
     if not profile.layers:
         return _assemble(profile, model, (), memory_budget)
     kept = tuple(model.allowed(layer)[0] for layer in profile.layers)

@@ -46,7 +46,7 @@ class WrappedLayers:
     def plan(self) -> Plan | None:
         """The autopilot's plan for the last forward pass (None without one, or before the first)."""
         autopilot = self.checkpointer.autopilot
-        return autopilot.plan if autopilot is not None else None
+        return autopilot.plan_in_force if autopilot is not None else None
 
     def unwrap(self) -> None:
         """Restores each layer's forward; calling it again does nothing."""
