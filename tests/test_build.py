@@ -174,3 +174,28 @@ def test_info_into_a_closed_pipe_prints_no_traceback(tmp_path):
     command = f"{sys.executable} -m gcoffload info --json | true"
     result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+PLAIN_CHECKPOINTING = """
+import torch
+import gcoffload
+from gcoffload.engine import extension
+
+layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+gcoffload.wrap_layers(layers, gcoffload.OffloadOptions(offload=False))
+hidden = torch.randn(4, 16, requires_grad=True)
+for layer in layers:
+    hidden = layer(hidden)
+hidden.sum().backward()
+print(gcoffload.stats()["devices"]["cpu"]["recomputes"], extension.is_loaded())
+"""
+
+
+def test_plain_checkpointing_works_where_the_extension_cannot_build(tmp_path):
+    env = {**os.environ, "GCOFFLOAD_CACHE_DIR": str(tmp_path / "empty-cache"), "CXX": "/nonexistent/c++"}
+    result = run_python(PLAIN_CHECKPOINTING, env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "False"], (
+        "three recomputes counted, and no extension built or loaded"
+    )
+    assert "building" not in result.stderr

@@ -98,7 +98,7 @@ class LayerCall:
         module: the module behind ``layer``, if any.
         index: the layer's position in its stack, if known.
         leaves: every tensor in ``(args, kwargs)``, in order.
-        structure: how to rebuild ``(args, kwargs)`` from ``leaves`` (:meth:`arguments`).
+        structure: how to rebuild ``(args, kwargs)`` from ``leaves`` (:func:`unflatten`).
         hidden_index: the position in ``leaves`` of the hidden states, or None.
         requires_grad: whether any of ``leaves`` requires grad.
         bound: how many of ``args`` the partials bound (they precede the caller's).
@@ -182,10 +182,6 @@ class LayerCall:
     def hidden(self) -> torch.Tensor | None:
         """The hidden states: the first positional tensor argument, or None."""
         return self.leaves[self.hidden_index] if self.hidden_index is not None else None
-
-    def arguments(self, leaves: Iterator[torch.Tensor]) -> tuple[tuple, dict[str, Any]]:
-        """``(args, kwargs)`` rebuilt with the tensors of ``leaves`` in place of :attr:`leaves`."""
-        return unflatten(self.structure, leaves)
 
     def run(self) -> Any:
         """Calls the layer as it was called."""
