@@ -173,14 +173,12 @@ class Autopilot:
     @torch.compiler.disable
     def _ran(self, index: int, output: Any) -> None:
         """A profiled call has run: its output is timed in backward; the last one ends the profile."""
-        for measured in (self._profiling, self._timing_backward):
-            if measured is not None and measured.clock is not None:
-                measured.clock.watch(index, output)
-                break
-        if self._profiling is not None:
-            self._profiling.ran(index)
-            if index >= self.layer_count - 1:
-                self._finish_profile()
+        profiling = self._profiling
+        if profiling.clock is not None:
+            profiling.clock.watch(index, output)
+        profiling.ran(index)
+        if index >= self.layer_count - 1:
+            self._finish_profile()
 
     def profile(self, step: Callable[[], Any]) -> Plan:
         """Runs ``step()`` (one forward and backward pass) as a profile step; returns the new plan.
