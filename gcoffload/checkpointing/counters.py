@@ -58,8 +58,7 @@ def count(device: torch.device, counter: str, amount: int = 1) -> None:
 
 def of(device: torch.device) -> Counter[str]:
     """``device``'s layer counters, to add to directly on the hot path (they stay the same object)."""
-    counters = _devices.get(device)
-    return (counters if counters is not None else _device(device)).counts
+    return _device(device).counts
 
 
 def _totals(device: torch.device) -> dict[str, int]:

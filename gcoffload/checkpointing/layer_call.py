@@ -137,16 +137,12 @@ class LayerCall:
         function = layer
         args = tuple(args)
         caller_count = len(args)
-        if type(function) is functools.partial:
-            while isinstance(function, functools.partial):
-                args = (*function.args, *args)
-                kwargs = {**function.keywords, **kwargs}
-                function = function.func
-            if module is None:
-                module = resolve_module(layer)
-        elif module is None:
-            owner = getattr(function, "__self__", None)
-            module = owner if isinstance(owner, nn.Module) else resolve_module(function)
+        while isinstance(function, functools.partial):
+            args = (*function.args, *args)
+            kwargs = {**function.keywords, **kwargs}
+            function = function.func
+        if module is None:
+            module = resolve_module(layer)
         self.function = function
         self.args = args
         self.kwargs = kwargs

@@ -41,8 +41,7 @@ from torch.utils.checkpoint import noop_context_fn
 
 from .layer_call import LayerCall
 from .options import OffloadOptions
-from .reentrant import saving_is_ours
-from .saved_input import SavedInput, SavedTensor, can_save, save
+from .saved_input import SavedInput, SavedTensor, can_save, pop_hooks, push_hooks, save, saving_is_ours
 
 __all__ = ["DEFAULT_TORCH_KEYWORDS", "ROUTES_SELECTIVE_SAVES", "TorchKeywords", "checkpoint"]
 
@@ -100,8 +99,7 @@ def checkpoint(
     if saving_is_ours():
         hidden = call.hidden
         hooks = _InputHooks(call.layer, hidden if hidden is not None and can_save(hidden) else None, options)
-        # torch.autograd.graph.saved_tensors_hooks without its Python frames: this runs per layer.
-        _push_hooks(hooks.pack, hooks.unpack)
+        push_hooks(hooks.pack, hooks.unpack)
     try:
         return torch.utils.checkpoint.checkpoint(
             function, *call.args, use_reentrant=False, **keywords.for_torch(hooks is not None)
@@ -112,14 +110,10 @@ def checkpoint(
         raise
     finally:
         if hooks is not None:
-            _pop_hooks()
+            pop_hooks()
             # The hooks outlive this call inside autograd's saved variables; they
             # must not keep the hidden states on the device.
             hooks.hidden = None
-
-
-_push_hooks = torch._C._autograd._push_saved_tensors_default_hooks
-_pop_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 def _measured(meter: Any, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -45,20 +45,11 @@ import torch
 from .layer_call import LayerCall, unflatten
 from .options import OffloadOptions
 from .replay_state import AutocastState, RngState
-from .saved_input import SavedInput, SavedTensor, can_save, save
+from .saved_input import SavedInput, SavedTensor, can_save, pop_hooks, push_hooks, save, saving_is_ours
 
-__all__ = ["checkpoint", "saving_is_ours"]
+__all__ = ["checkpoint"]
 
 NO_OUTPUT_REQUIRES_GRAD = "none of output has requires_grad=True, this checkpoint() is not necessary"
-
-
-def saving_is_ours() -> bool:
-    """Whether a checkpoint may push its own saved-tensor hooks (Note [Saving through an outer region])."""
-    return _hooks_enabled() and _top_hooks(False) is None
-
-
-_hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled
-_top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def checkpoint(
@@ -84,17 +75,12 @@ def checkpoint(
     if not ours:
         return _OffloadedCheckpoint.apply(state, None, call.meter, *leaves)
     packer = _InputPacker(call.layer)
-    # torch.autograd.graph.saved_tensors_hooks without its Python frames: this runs per layer.
-    _push_hooks(packer.pack, _unpack)
+    push_hooks(packer.pack, _unpack)
     try:
         return _OffloadedCheckpoint.apply(state, packer, call.meter, *leaves)
     finally:
-        _pop_hooks()
+        pop_hooks()
         packer.clear()
-
-
-_push_hooks = torch._C._autograd._push_saved_tensors_default_hooks
-_pop_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 class _Call(NamedTuple):

@@ -68,7 +68,32 @@ from . import counters
 from .layer_call import describe_layer
 from .options import OffloadOptions
 
-__all__ = ["SavedInput", "SavedTensor", "can_save", "capturing", "raise_modified_in_place", "save"]
+__all__ = [
+    "SavedInput",
+    "SavedTensor",
+    "can_save",
+    "capturing",
+    "pop_hooks",
+    "push_hooks",
+    "raise_modified_in_place",
+    "save",
+    "saving_is_ours",
+]
+
+# torch.autograd.graph.saved_tensors_hooks without its Python frames: both paths push and pop per layer.
+push_hooks = torch._C._autograd._push_saved_tensors_default_hooks
+pop_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
+_hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled
+_top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def saving_is_ours() -> bool:
+    """Whether a checkpoint may push its own saved-tensor hooks.
+
+    Not where another region's hooks are in force, nor where hooks are
+    disabled: Note [Saving through an outer region] in reentrant.py.
+    """
+    return _hooks_enabled() and _top_hooks(False) is None
 
 
 class SavedInput:

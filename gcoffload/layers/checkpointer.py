@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..autopilot.autopilot import Autopilot
 from ..checkpointing import dispatch
 from ..checkpointing.layer_call import LayerCall, resolve_module
 from ..checkpointing.options import OffloadOptions
-from .rule import gradients_flow_through
+from .rule import gradients_flow_through, training
 
 __all__ = ["LayerCheckpointer"]
 
@@ -85,7 +84,7 @@ class LayerCheckpointer:
 
     def run(self, module: nn.Module | None, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Calls ``function(*args, **kwargs)``, the layer ``module``, checkpointed or not."""
-        if not (torch.is_grad_enabled() and (module is None or module.training)):  # rule.training, inlined
+        if not training(module):
             return function(*args, **kwargs)
         index = self.layer_indices.get(module)
         call = LayerCall(function, args, kwargs, module=module, index=index)
