@@ -13,6 +13,10 @@ The layers of the package, top to bottom (a tensor's path in the forward pass):
   and recompute in backward; :class:`OffloadOptions`; the counters.
 * :mod:`gcoffload.engine`: :func:`get_engine`, the per-device copy engine over
   the C++ pinned pool and side streams, built on first use.
+
+Beside them, :mod:`gcoffload.sizing`: :func:`capacity` counts, from a model's
+config alone, the memory each strategy needs and the longest context it fits
+(``python -m gcoffload plan``).
 """
 
 from .checkpointing import OffloadOptions, checkpoint, checkpoint_with
@@ -20,12 +24,14 @@ from .checkpointing.counters import reset_stats, stats
 from .engine import configure, get_engine
 from .integrations import patch_model, prepare_model_for_training, unpatch_model
 from .layers import WrappedLayers, wrap_layers
+from .sizing import capacity
 
 __version__ = "0.2.0"
 
 __all__ = [
     "OffloadOptions",
     "WrappedLayers",
+    "capacity",
     "checkpoint",
     "checkpoint_with",
     "configure",

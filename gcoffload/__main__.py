@@ -1,4 +1,5 @@
-"""gcoffload's command line: build the extension, print the setup, run the benchmark, run LLaMA-Factory."""
+"""gcoffload's command line: build the extension, print the setup, run the benchmark, plan a model's
+memory, run LLaMA-Factory."""
 
 from __future__ import annotations
 
@@ -101,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     suite.add_arguments(bench_parser)
     bench_parser.set_defaults(run=lambda args: suite.main(args, bench_parser))
+    from .sizing import cli as plan_cli
+
+    plan_parser = commands.add_parser(
+        "plan",
+        help="how many tokens fit, per strategy, from a model's config (no GPU, no weights)",
+        description=plan_cli.DESCRIPTION,
+    )
+    plan_cli.add_arguments(plan_parser)
+    plan_parser.set_defaults(run=lambda args: plan_cli.main(args, plan_parser))
     from .integrations import llamafactory
 
     llamafactory_parser = commands.add_parser(

@@ -21,7 +21,7 @@ class LiveStorages(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.created: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.created: dict[int, tuple[StorageWeakRef, int, torch.device]] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -41,12 +41,18 @@ class LiveStorages(TorchDispatchMode):
                 continue
             known = self.created.get(key)
             if known is None or known[0].expired():
-                self.created[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.created[key] = (StorageWeakRef(storage), storage.nbytes(), leaf.device)
         return output
 
-    def alive_bytes(self, *excluded: torch.Tensor) -> int:
-        """Bytes of the recorded storages still alive, leaving out those of ``excluded``."""
+    def alive_bytes(self, *excluded: torch.Tensor, device: torch.device | str | None = None) -> int:
+        """Bytes of the recorded storages still alive, leaving out those of ``excluded``.
+
+        ``device``: count only the storages on that device.
+        """
         skip = {tensor.untyped_storage().data_ptr() for tensor in excluded}
+        wanted = torch.device(device) if device is not None else None
         return sum(
-            nbytes for key, (ref, nbytes) in self.created.items() if key not in skip and not ref.expired()
+            nbytes
+            for key, (ref, nbytes, where) in self.created.items()
+            if key not in skip and not ref.expired() and (wanted is None or where == wanted)
         )

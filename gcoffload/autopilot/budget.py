@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AUTO_MARGIN", "MemoryBudget", "device_memory", "gradient_bytes_to_come"]
+__all__ = ["AUTO_MARGIN", "MemoryBudget", "device_memory", "gradient_bytes_to_come", "parse_size"]
 
 AUTO_MARGIN = 0.1  # of the device's memory, left free under memory_budget="auto"
 _UNITS = {
@@ -78,13 +78,11 @@ class MemoryBudget:
             if value.strip().lower() == "auto":
                 return cls(auto=True)
             match = _SIZE.match(value)
-            if match is not None and match.group(2).lower() in _UNITS:
-                number = float(match.group(1))
-                if not match.group(2) and "." in match.group(1):  # "0.5" from a command line: a fraction
-                    return cls.parse(number)
-                nbytes = number * _UNITS[match.group(2).lower()]
-                if math.isfinite(nbytes) and nbytes <= _MAX_BYTES:
-                    return cls(nbytes=int(nbytes))
+            if match is not None and not match.group(2) and "." in match.group(1):
+                return cls.parse(float(match.group(1)))  # "0.5" from a command line: a fraction
+            nbytes = _size_in_bytes(value)
+            if nbytes is not None:
+                return cls(nbytes=nbytes)
         raise ValueError(
             f"memory_budget must be bytes (an int from 0 to 2**63 - 1), a size such as '20GiB' or '512MB' "
             f"(at most 2**63 - 1 bytes), a fraction of "
@@ -109,6 +107,30 @@ class MemoryBudget:
         if self.nbytes is not None:
             return f"{self.nbytes / 2**30:.2f} GiB"
         return f"{self.fraction:.0%} of device memory" if self.fraction is not None else "auto"
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a size such as ``"80GiB"``, ``"512MB"`` or ``"1024"``.
+
+    Raises:
+        ValueError: anything else, with what is accepted.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_BYTES:
+        return value
+    nbytes = _size_in_bytes(value) if isinstance(value, str) else None
+    if nbytes is None:
+        raise ValueError(
+            f"expected bytes (an int from 0 to 2**63 - 1) or a size such as '80GiB' or '512MB', got {value!r}"
+        )
+    return nbytes
+
+
+def _size_in_bytes(value: str) -> int | None:
+    match = _SIZE.match(value)
+    if match is None or match.group(2).lower() not in _UNITS:
+        return None
+    nbytes = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    return int(nbytes) if math.isfinite(nbytes) and nbytes <= _MAX_BYTES else None
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:

@@ -47,8 +47,8 @@ __all__ = ["BackwardClock", "LayerMeter", "measure_copies", "storage_key"]
 
 
 def storage_key(tensor: torch.Tensor) -> int:
-    """An identity for ``tensor``'s storage, valid while the storage lives."""
-    return tensor.untyped_storage().data_ptr()
+    """An identity for ``tensor``'s storage, valid while the storage lives (meta storages included)."""
+    return tensor.untyped_storage()._cdata
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -86,7 +86,7 @@ class LayerMeter:
             if leaf is hidden or leaf.layout != torch.strided or leaf.device != self.device:
                 continue
             storage = leaf.untyped_storage()
-            key = storage.data_ptr()
+            key = storage._cdata
             if key not in self._excluded and key != self.hidden_key and storage.nbytes() > 0:
                 self.arguments.setdefault(key, (StorageWeakRef(storage), storage.nbytes()))
         self.measuring = True
@@ -145,7 +145,7 @@ class LayerMeter:
         if tensor.layout != torch.strided or tensor.device != self.device:
             return
         storage = tensor.untyped_storage()
-        key = storage.data_ptr()
+        key = storage._cdata
         if key not in self._excluded and storage.nbytes() > 0:
             self._saved[key] = storage
 
@@ -154,7 +154,7 @@ class LayerMeter:
         outputs = _tensors(output)
         if outputs:
             storage = outputs[0].untyped_storage()
-            self.output_key = storage.data_ptr()
+            self.output_key = storage._cdata
             self.output_bytes = storage.nbytes()
             self.output_storage = StorageWeakRef(storage)
         shared = {self.hidden_key, self.output_key, *self.arguments}
@@ -193,9 +193,12 @@ def _synchronize(device: torch.device) -> None:
         torch.get_device_module(device.type).synchronize(device)
 
 
+_UNTIMED = ("cpu", "meta")  # no device events: the wall clock (on meta it times nothing real)
+
+
 def _timestamp(device: torch.device) -> Any:
     """Now: a device event recorded on the current stream on an accelerator, the wall clock on the CPU."""
-    if device.type == "cpu":
+    if device.type in _UNTIMED:
         return time.perf_counter()
     event = torch.Event(device=device, enable_timing=True)
     event.record()
@@ -203,7 +206,7 @@ def _timestamp(device: torch.device) -> Any:
 
 
 def _seconds_between(device: torch.device, start: Any, end: Any) -> float:
-    if device.type == "cpu":
+    if device.type in _UNTIMED:
         return end - start
     end.synchronize()
     return start.elapsed_time(end) / 1e3

@@ -34,7 +34,13 @@ from ..checkpointing.dispatch import checkpoint_with
 from ..checkpointing.options import OffloadOptions
 from ..layers.checkpointer import LayerCheckpointer
 
-__all__ = ["offloaded_checkpoint_function", "patch_model", "prepare_model_for_training", "unpatch_model"]
+__all__ = [
+    "decoder_layers",
+    "offloaded_checkpoint_function",
+    "patch_model",
+    "prepare_model_for_training",
+    "unpatch_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +145,7 @@ def patch_model(
             f"{type(base).__name__} uses the checkpointing format of transformers < 4.35 "
             "(`_set_gradient_checkpointing(module, value)`), which cannot take a checkpoint function"
         )
-    layers = _decoder_layers(base)
+    layers = decoder_layers(base)
     autopilot = (
         Autopilot(
             memory_budget,
@@ -406,7 +412,7 @@ def _pretrained_model(model: nn.Module) -> nn.Module:
     raise TypeError(f"no transformers PreTrainedModel found in {type(model).__name__}")
 
 
-def _decoder_layers(base: nn.Module) -> list[nn.Module]:
+def decoder_layers(base: nn.Module) -> list[nn.Module]:
     """The repeated blocks, in forward order: transformers' GradientCheckpointingLayer
     instances where it has them (4.52+), else the longest ModuleList."""
     try:
