@@ -84,6 +84,43 @@ def test_predicted_held_bytes_equal_what_autograd_holds(device, use_reentrant):
     assert seen == {Mode.KEEP, Mode.CHECKPOINT, Mode.OFFLOAD}
 
 
+@pytest.mark.simdev
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize(
+    "modes",
+    [("keep",) * LAYERS, ("checkpoint",) * LAYERS, ("keep", "checkpoint") * (LAYERS // 2)],
+    ids=["keep", "checkpoint", "mixed"],
+)
+def test_the_predicted_peak_is_at_least_a_real_steps_peak(modes, use_reentrant):
+    """Plans without copies, so that the step's memory does not depend on timing; the backward pass
+    allocates a gradient buffer the size of a layer's largest saved storage (Note [The memory model])."""
+    import simdevice
+
+    device = ASYNC_DEVICES[0].values[0]
+    torch.manual_seed(0)
+    model = BareStack().to(device)
+    inputs = torch.randn(4, 128, 64, device=device)
+    wrapped = gcoffload.wrap_layers(
+        model.layers,
+        gcoffload.OffloadOptions(min_offload_bytes=0),
+        memory_budget=1 << 40,
+        use_reentrant=use_reentrant,
+    )
+    step(model, inputs)  # the autopilot's first pass
+    step(model, inputs)  # its profile step
+    (profile,) = wrapped.autopilot.profiles.values()
+    plan = gcoffload.autopilot.predict(profile.scaled(bucket_tokens(profile.tokens)), modes)
+    wrapped.autopilot.use(plan)
+    step(model, inputs)
+    simdevice.synchronize()
+    before = simdevice.memory_allocated()
+    simdevice.reset_peak_memory_stats()
+    step(model, inputs)
+    simdevice.synchronize()
+    real = simdevice.max_memory_allocated() - before
+    assert real <= plan.peak_bytes <= 1.15 * real, plan.summary()
+
+
 MIXED = ("keep", "offload", "checkpoint", "offload", "keep", "checkpoint")
 
 

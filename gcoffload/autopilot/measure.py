@@ -93,6 +93,7 @@ class LayerMeter:
         self._saved: dict[int, torch.UntypedStorage] = {}
         self.saved_keys: frozenset[int] = frozenset()
         self.own_bytes = 0
+        self.largest_saved_bytes = 0
         self.output_key: int | None = None
         self.output_bytes = 0
         self.output_storage: StorageWeakRef | None = None
@@ -159,6 +160,9 @@ class LayerMeter:
             self.output_storage = StorageWeakRef(storage)
         shared = {self.hidden_key, self.output_key, *self.arguments}
         self.own_bytes = sum(storage.nbytes() for key, storage in self._saved.items() if key not in shared)
+        self.largest_saved_bytes = max(
+            (storage.nbytes() for key, storage in self._saved.items() if key not in self.arguments), default=0
+        )
 
     def profile(
         self, index: int, offloadable: bool, input_is_previous_output: bool, argument_ids: dict[int, int]
@@ -177,6 +181,7 @@ class LayerMeter:
             input_is_previous_output=input_is_previous_output,
             arguments=tuple(argument_ids[key] for key in self.arguments),
             saved_arguments=tuple(argument_ids[key] for key in self.arguments if key in self.saved_keys),
+            largest_saved_bytes=self.largest_saved_bytes,
         )
 
 

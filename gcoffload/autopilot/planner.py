@@ -50,9 +50,15 @@ holds after forward (tests check it byte for byte, for every plan). The
 program below charges every argument any planned layer passes, held or not
 (an upper bound: they are few and small), so its plans stay within the budget
 with the exact count. The peak adds the backward pass's working set: the
-gradient flowing through the stack (two layer inputs) and, if any layer is
+gradient flowing through the stack (two layer inputs), the gradient buffer of
+the largest storage a layer saved (its backward pass allocates one that size
+while the layer's activations are still held) and, if any layer is
 recomputed, the largest layer's saved activations (a recompute) plus
-``prefetch_depth`` prefetched inputs. The plan keeps the peak within the budget.
+``prefetch_depth`` prefetched inputs, plus, if any is offloaded, its own
+input back on the device. The plan keeps the peak within the budget. On the
+simulated device the real peak of a step is within this for kept,
+checkpointed and mixed plans; D2H copies still in flight when backward
+begins are not counted (where copies hide behind compute, none are).
 
 Note [Why an exact dynamic program]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -64,7 +70,9 @@ first with the state (mode of the layer, checkpointed layers after it, capped)
 and the memory used, in units of a power of two between 1/8192 and 1/4096 of
 the stack's largest total.
 Bytes are rounded up to units, so a plan never exceeds the budget; for 128
-layers the program takes tens of milliseconds. Being exact, more budget never
+layers the program takes tens of milliseconds. It runs twice, with offloading
+allowed and without, since the working set of a plan that offloads is larger
+by one input (Note [The memory model]); the faster plan wins. Being exact, more budget never
 gives a plan predicted slower.
 """
 
@@ -192,10 +200,15 @@ class _Model:
         self.depth = prefetch_depth
         planned = [layer for layer in self.layers if layer.planned]
         largest_input = max((layer.input_bytes for layer in self.layers), default=0)
-        self.gradient_bytes = 2 * largest_input
+        # The gradient through the stack (in and out of a layer) and the largest gradient buffer a layer's
+        # backward pass allocates for what it saved.
+        self.gradient_bytes = 2 * largest_input + max(
+            (layer.largest_saved_bytes for layer in planned), default=0
+        )
         self.recompute_bytes = (
             max((layer.saved_bytes for layer in planned), default=0) + prefetch_depth * largest_input
         )
+        self.fetched_bytes = largest_input  # an offloaded layer's own input, back for its recompute
         self.passed_argument_bytes = sum(
             self.arguments[index] for index in {index for layer in planned for index in layer.arguments}
         )
@@ -270,9 +283,12 @@ class _Model:
         return forward + self.backward_seconds(index, mode) + exposed, exposed
 
     def reserve(self, modes: Sequence[Mode]) -> int:
+        reserve = self.gradient_bytes
         if any(mode.recomputes for mode in modes):
-            return self.gradient_bytes + self.recompute_bytes
-        return self.gradient_bytes
+            reserve += self.recompute_bytes
+        if Mode.OFFLOAD in modes:
+            reserve += self.fetched_bytes
+        return reserve
 
 
 def predict(
@@ -410,14 +426,27 @@ def fastest_plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 
             f"{_mib(smallest.peak_bytes - smallest.held_bytes)} working set in backward). "
             "Raise the budget, or shorten the batch."
         )
-    modes = _knapsack(model, memory_budget - model.reserve(smallest.modes) - model.passed_argument_bytes)
-    return _assemble(profile, model, modes, memory_budget) if modes is not None else smallest
+    # The working set depends on whether a plan offloads (Note [The memory model]): one program per case.
+    plans = [smallest]
+    for offloads in (True, False):
+        reserve = model.reserve((Mode.OFFLOAD,) if offloads else (Mode.CHECKPOINT,))
+        modes = _knapsack(model, memory_budget - reserve - model.passed_argument_bytes, offloads)
+        if modes is not None:
+            plans.append(_assemble(profile, model, modes, memory_budget))
+    return min(plans, key=lambda plan: plan.step_seconds)
 
 
-def _knapsack(model: _Model, capacity_bytes: int) -> tuple[Mode, ...] | None:
-    """Exact dynamic program of Note [Why an exact dynamic program]; None if nothing fits once rounded."""
+def _knapsack(model: _Model, capacity_bytes: int, offloads: bool) -> tuple[Mode, ...] | None:
+    """Exact dynamic program of Note [Why an exact dynamic program]; None if nothing fits once rounded.
+
+    ``offloads``: whether layers may be offloaded.
+    """
     if capacity_bytes < 0:
         return None
+
+    def allowed(layer: LayerProfile) -> tuple[Mode, ...]:
+        return tuple(mode for mode in model.allowed(layer) if offloads or mode is not Mode.OFFLOAD)
+
     layers = model.layers
     count = len(layers)
     largest = sum(layer.own_bytes + layer.input_bytes + layer.output_bytes for layer in layers)
@@ -437,7 +466,7 @@ def _knapsack(model: _Model, capacity_bytes: int) -> tuple[Mode, ...] | None:
     # best[m][k]: least time of layers index..count-1 with layer index in mode m and k checkpointed after it.
     best = {}
     last = count - 1
-    for mode in model.allowed(layers[last]):
+    for mode in allowed(layers[last]):
         seconds, _ = model.seconds(last, mode, None, 0)
         best[(mode, 0)] = shifted(
             torch.full((capacity + 1,), seconds, dtype=torch.float64), units_of(model.held(last, mode, None))
@@ -447,7 +476,7 @@ def _knapsack(model: _Model, capacity_bytes: int) -> tuple[Mode, ...] | None:
         current: dict[tuple[Mode, int], torch.Tensor] = {}
         pointers: dict[tuple[Mode, int], torch.Tensor] = {}
         options = list(best.items())
-        for mode in model.allowed(layers[index]):
+        for mode in allowed(layers[index]):
             for option, ((next_mode, after_next), costs) in enumerate(options):
                 after = min(after_next + (1 if next_mode.recomputes else 0), model.depth + 1)
                 seconds, _ = model.seconds(index, mode, next_mode, after)

@@ -54,6 +54,9 @@ class LayerProfile:
             output storage (Note [What a layer holds, by storage]).
         arguments: ids into :attr:`Profile.arguments` of its other tensor arguments.
         saved_arguments: those of ``arguments`` the layer, not checkpointed, saves.
+        largest_saved_bytes: its largest saved storage, input and output
+            included: the gradient buffer its backward pass allocates for it
+            (Note [The memory model] in planner.py).
     """
 
     index: int
@@ -68,6 +71,7 @@ class LayerProfile:
     input_is_previous_output: bool = False
     arguments: tuple[int, ...] = ()
     saved_arguments: tuple[int, ...] = ()
+    largest_saved_bytes: int = 0
 
     @classmethod
     def plain(cls, index: int, input_bytes: int = 0, output_bytes: int = 0) -> LayerProfile:
@@ -156,6 +160,7 @@ class Profile:
                 own_bytes=scale(layer.own_bytes),
                 input_bytes=scale(layer.input_bytes),
                 output_bytes=scale(layer.output_bytes),
+                largest_saved_bytes=scale(layer.largest_saved_bytes),
                 forward_seconds=layer.forward_seconds * factor,
             )
             for layer in self.layers

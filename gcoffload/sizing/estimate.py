@@ -24,7 +24,9 @@ peak fits.
 
 * the peak (``peak_bytes``): parameters, gradients and AdamW states
   (:class:`~gcoffload.sizing.trace.Weights`), the activations, the loss
-  and logits the step returns, and the larger of two working sets in
+  and logits the step returns (held through backward, as ``output =
+  model(...)`` holds them; the Trainer drops them first, which leaves their
+  size spare), and the larger of two working sets in
   backward: the layers' (the planner's: the gradient through the stack, a
   recompute, the prefetched inputs) and the head's (twice its largest saved
   storage: the gradients of the logits, which exist together at the start of
