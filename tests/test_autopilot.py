@@ -118,7 +118,10 @@ def test_the_predicted_peak_is_at_least_a_real_steps_peak(modes, use_reentrant):
     step(model, inputs)
     simdevice.synchronize()
     real = simdevice.max_memory_allocated() - before
-    assert real <= plan.peak_bytes <= 1.15 * real, plan.summary()
+    # The model counts a whole recompute; torch 2.14's non-reentrant checkpoint may need less of one.
+    assert real <= plan.peak_bytes <= real + max(layer.saved_bytes for layer in profile.layers), (
+        plan.summary()
+    )
 
 
 MIXED = ("keep", "offload", "checkpoint", "offload", "keep", "checkpoint")
