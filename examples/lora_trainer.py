@@ -46,7 +46,7 @@ def main() -> None:
     # A decoder layer's input here is 2 x 256 x 64 floats: 128 KiB. By default gcoffload leaves
     # inputs under 1 MiB on the device (copying them costs more than it saves), so a model this
     # small would show "offloads: 0"; min_offload_bytes=0 lets the tiny inputs move too.
-    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget="3MiB")
+    gcoffload.patch_model(model, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget="3.5MiB")
     checkpointing = (
         "activation_checkpointing"  # transformers 5.23+
         if hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable")

@@ -335,6 +335,7 @@ def test_a_hub_id_without_network_points_to_the_local_config(monkeypatch):
         (dict(reserve_bytes="100GiB", gpu="80GiB"), "reserve_bytes"),
         (dict(host_memory="lots"), "expected bytes"),
         (dict(max_seq=8), "max_seq must be an int of at least granularity"),
+        (dict(strategies=["swap"]), "strategies must be among"),
     ],
 )
 def test_bad_arguments_say_what_is_accepted(arguments, message):

@@ -42,7 +42,7 @@ peak fits.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -226,6 +226,7 @@ class _Estimator:
         self.flops_per_second = gpu.peak_flops * mfu
 
     def fit(self, trace: ModelTrace, strategy: Strategy) -> StrategyFit:
+        """``strategy`` at the length of ``trace``."""
         # save_on_cpu copies on the compute stream: the planner then charges all of their time.
         on_compute_stream = strategy is Strategy.SAVE_ON_CPU
         profile = replace(
@@ -305,7 +306,7 @@ class _Estimator:
         return _largest(fits, max_seq // granularity) * granularity
 
 
-def _largest(fits: Any, ceiling: int) -> int:
+def _largest(fits: Callable[[int], bool], ceiling: int) -> int:
     """The largest ``n`` in ``1..ceiling`` with ``fits(n)`` (monotone), or 0."""
     if ceiling < 1 or not fits(1):
         return 0
@@ -379,10 +380,19 @@ def capacity(
         raise ValueError("seq: give at least one length")
     if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
         raise ValueError(f"mfu must be a fraction of peak FLOP/s in (0, 1], got {mfu!r}")
-    chosen = tuple(Strategy(strategy) for strategy in strategies)
+    try:
+        chosen = tuple(Strategy(strategy) for strategy in strategies)
+    except ValueError:
+        raise ValueError(
+            f"strategies must be among {[strategy.value for strategy in Strategy]}, got {list(strategies)!r}"
+        ) from None
     torch_dtype = _dtype(dtype)
     device = resolve_gpu(gpu, link_bytes_per_second)
     reserve = parse_size(reserve_bytes)
+    if reserve >= device.memory_bytes:
+        raise ValueError(
+            f"reserve_bytes ({reserve}) leaves nothing of the {device.name}'s {device.memory_bytes} bytes"
+        )
     host = parse_size(host_memory) if host_memory is not None else None
     config = load_config(model)
     if max_seq is None:
@@ -392,10 +402,6 @@ def capacity(
     meta_model = MetaModel(config, torch_dtype, attn, lora_rank)
     weights = meta_model.weights()
     curve = TraceCurve(meta_model, batch, granularity, OffloadOptions(min_offload_bytes=min_offload_bytes))
-    if reserve >= device.memory_bytes:
-        raise ValueError(
-            f"reserve_bytes ({reserve}) leaves nothing of the {device.name}'s {device.memory_bytes} bytes"
-        )
     estimator = _Estimator(curve, weights, device, device.memory_bytes - reserve, host, mfu)
     fits = tuple(tuple(estimator.fit(curve.at(length), strategy) for strategy in chosen) for length in seqs)
     longest = {strategy: estimator.longest(strategy, granularity, max_seq) for strategy in chosen}
