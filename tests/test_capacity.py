@@ -224,11 +224,11 @@ def test_counts_that_are_no_quadratic_are_traced_at_every_length():
 
 
 def test_the_longest_context_is_where_the_next_step_no_longer_fits():
-    config = tiny()
+    config = tiny(layers=6)
     weights = MetaModel(config, torch.float32).weights().total_bytes
-    answer = capacity(
+    answer = capacity(  # flash: no mask, whose square would outgrow the layer inputs on transformers 4.x
         config, 64, gpu=weights + 3 * 2**20, dtype="float32", reserve_bytes=0, min_offload_bytes=0,
-        granularity=16, max_seq=8192,
+        granularity=16, max_seq=8192, attn="flash",
     )  # fmt: skip
     estimator = answer.estimator
     longest = answer.longest
