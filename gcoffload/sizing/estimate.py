@@ -242,7 +242,7 @@ class _Estimator:
         else:
             plan = predict(profile, self._modes(profile, strategy))
         held = self._activations(trace, plan)
-        working_set = max(plan.peak_bytes - plan.held_bytes, 2 * trace.largest_other_bytes)
+        working_set = max(plan.peak_bytes - plan.held_bytes, trace.head_working_set_bytes)
         peak = self.weights.total_bytes + held + trace.returned_bytes + working_set
         layers = trace.profile.layers
         host = sum(
@@ -277,7 +277,7 @@ class _Estimator:
         boundary += layers[-1].output_bytes * trace.other_saves_stack_output
         budget = self.usable - self.weights.total_bytes - trace.returned_bytes - trace.other_bytes - boundary
         kept = predict(profile, self._modes(profile, Strategy.NONE))
-        budget -= max(0, 2 * trace.largest_other_bytes - (kept.peak_bytes - kept.held_bytes))
+        budget -= max(0, trace.head_working_set_bytes - (kept.peak_bytes - kept.held_bytes))
         try:
             return fastest_plan(profile, max(budget, 0))
         except ValueError:  # not even the least memory fits: it does not fit at all

@@ -137,6 +137,11 @@ class ModelTrace:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    @property
+    def head_working_set_bytes(self) -> int:
+        """The backward working set of the rest of the model: the gradients of its largest storage, twice."""
+        return 2 * self.largest_other_bytes
+
 
 class MetaModel:
     """A transformers causal LM built from ``config`` on the meta device.
@@ -221,7 +226,7 @@ class MetaModel:
             ) from None
         returned = _storages(output)
         step.forward_profile(lambda layers: _NO_COPIES)
-        stack_input, stack_output = recorder.stack_ends(step)
+        stack_input, stack_output = recorder.stack_ends()
         arguments = {key for meter in recorder.meters for key in meter.arguments}
         others = {
             key: nbytes
@@ -305,7 +310,7 @@ class _Recorder:
         # Detached: a saved output holding its own grad_fn would keep the graph alive in a cycle.
         return tensor.detach()
 
-    def stack_ends(self, step: ProfileStep) -> tuple[int | None, int | None]:
+    def stack_ends(self) -> tuple[int | None, int | None]:
         """Storage keys of the first layer's input and the last layer's output."""
         first = self.meters[0] if self.meters else None
         last = self.meters[-1] if self.meters else None
