@@ -28,6 +28,16 @@ OverBudget parse_over_budget(const std::string& policy) {
   return OverBudget::Error;
 }
 
+// A tensor's version counter without the tensor: what a swapped view's
+// in-place check reads once its storage has left the device (Note [Watched
+// versions] in copy_engine.cpp; gcoffload/swapping/swapped_storage.py).
+struct VersionWatch {
+  c10::VariableVersion counter;
+  int64_t current() const {
+    return static_cast<int64_t>(counter.current_version());
+  }
+};
+
 const char* state_name(Handle::State state) {
   switch (state) {
     case Handle::State::Offloaded:
@@ -153,6 +163,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("failures") = 1,
           "Test hook: lets `successes` host allocations through, then makes "
           "the next `failures` fail as an allocator out of memory does.");
+
+  py::class_<VersionWatch>(m, "VersionWatch")
+      .def_property_readonly("current", &VersionWatch::current);
+  m.def(
+      "watch_version",
+      [](const at::Tensor& tensor) {
+        TORCH_CHECK_VALUE(
+            tensor.unsafeGetTensorImpl()->version_counter().enabled(),
+            "watch_version: tensor has no version counter (an inference tensor); "
+            "create it outside torch.inference_mode()");
+        return VersionWatch{tensor.unsafeGetTensorImpl()->version_counter()};
+      },
+      py::arg("tensor"));
 
   py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
       .def_property_readonly("id", &Handle::id)

@@ -11,6 +11,9 @@ The layers of the package, top to bottom (a tensor's path in the forward pass):
   offload each layer, as the planner decides from a measured profile.
 * :mod:`gcoffload.checkpoint`: :func:`checkpoint`, offload in forward, prefetch
   and recompute in backward; :class:`OffloadOptions`; the counters.
+* :mod:`gcoffload.swapping`: :func:`swap_activations`, no recompute: what
+  autograd saves goes to host memory storage by storage and comes back ahead
+  of backward.
 * :mod:`gcoffload.engine`: :func:`get_engine`, the per-device copy engine over
   the C++ pinned pool and side streams, built on first use.
 
@@ -25,6 +28,7 @@ from .engine import configure, get_engine
 from .integrations import patch_model, prepare_model_for_training, unpatch_model
 from .layers import WrappedLayers, wrap_layers
 from .sizing import capacity
+from .swapping import swap_activations
 
 __version__ = "0.2.0"
 
@@ -40,6 +44,7 @@ __all__ = [
     "prepare_model_for_training",
     "reset_stats",
     "stats",
+    "swap_activations",
     "unpatch_model",
     "wrap_layers",
 ]

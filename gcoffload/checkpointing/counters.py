@@ -26,6 +26,8 @@ LAYER_COUNTERS = (
     "kept_during_capture",  # inputs saved while a graph was being captured
     "kept_layers",  # layer calls the autopilot's plan ran without a checkpoint
     "profiled_layers",  # layer calls the autopilot measured in a profile step
+    "swapped_layers",  # layer calls run in swap mode: not checkpointed, saved activations swapped
+    "swapped_storages",  # storages swap regions sent to host memory
 )
 
 

@@ -56,8 +56,6 @@ values), because an offload copy may be reading that input at that moment.
 
 from __future__ import annotations
 
-import collections
-import threading
 import weakref
 from collections import Counter
 
@@ -65,6 +63,7 @@ import torch
 
 from ..engine import CopyEngine, Handle, get_engine
 from . import counters
+from .forward_chain import chain_of, link, predecessors
 from .layer_call import describe_layer
 from .options import OffloadOptions
 
@@ -101,7 +100,6 @@ class SavedInput:
 
     Args:
         tensor: the layer input, shape ``(batch, seq, hidden)`` for decoders.
-        previous: the input saved just before this one on the same device by the same thread.
         layer: the checkpointed callable, named in errors.
         counts: the device's layer counters.
         prefetch_depth: how many of the inputs saved before this one to prefetch when it is unpacked.
@@ -125,7 +123,6 @@ class SavedInput:
     def __init__(
         self,
         tensor: torch.Tensor,
-        previous: SavedInput | None,
         layer: object,
         counts: Counter[str],
         prefetch_depth: int,
@@ -140,7 +137,7 @@ class SavedInput:
         self.handle: Handle | None = None
         self._fetched: torch.Tensor | None = None
         self.version = tensor._version
-        self.previous = weakref.ref(previous) if previous is not None else None
+        self.previous: weakref.ref | None = None  # set by forward_chain.link
 
     def offload(self) -> None:
         """Starts the copy to host memory; the device tensor is no longer referenced here."""
@@ -197,24 +194,9 @@ class SavedInput:
         return self._fetched
 
     def _prefetch_predecessors(self) -> None:
-        offloaded = [
-            earlier for earlier in self.predecessors(self.prefetch_depth) if earlier.handle is not None
-        ]
-        if offloaded and not capturing(self.device):
-            for earlier in offloaded:
+        if self.prefetch_depth and not capturing(self.device):
+            for earlier in predecessors(self, self.prefetch_depth):
                 earlier.prefetch()
-
-    def predecessors(self, depth: int) -> list[SavedInput]:
-        """Up to ``depth`` inputs saved before this one, nearest first."""
-        found: list[SavedInput] = []
-        link = self.previous
-        while link is not None and len(found) < depth:
-            saved = link()
-            if saved is None:
-                break
-            found.append(saved)
-            link = saved.previous
-        return found
 
     def release(self) -> None:
         """Drops whatever is held now (used when a layer raises)."""
@@ -255,26 +237,6 @@ def raise_modified_in_place(what: str, current: int, expected: int, layer: objec
         "afterwards), so the recompute in backward would see other values than the forward pass did. "
         "Change a clone instead (x = x.clone()) before modifying it in place."
     )
-
-
-class _ForwardChain:
-    """The last input saved on one device by one thread, and that device's residency window."""
-
-    __slots__ = ("last", "window")
-
-    def __init__(self) -> None:
-        self.last: weakref.ref[SavedInput] | None = None
-        self.window: collections.deque[weakref.ref[SavedInput]] = collections.deque()
-
-
-class _ForwardChains(threading.local):
-    """One chain per device: see Note [One chain per device and thread]."""
-
-    def __init__(self) -> None:
-        self.by_device: dict[torch.device, _ForwardChain] = {}
-
-
-_chains = _ForwardChains()
 
 
 def capturing(device: torch.device) -> bool:
@@ -326,15 +288,9 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
     if offloads and capturing(device):
         counts["kept_during_capture"] += 1
         offloads = False
-    by_device = _chains.by_device
-    chain = by_device.get(device)
-    if chain is None:
-        chain = by_device[device] = _ForwardChain()
-    last = chain.last
-    saved = SavedInput(
-        tensor, last() if last is not None else None, layer, counts, options.prefetch_depth, device
-    )
-    chain.last = weakref.ref(saved)
+    chain = chain_of(device)
+    saved = SavedInput(tensor, layer, counts, options.prefetch_depth, device)
+    link(chain, saved)
     if offloads:
         chain.window.append(weakref.ref(saved))
         while len(chain.window) > options.keep_resident:

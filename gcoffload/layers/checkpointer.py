@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -11,9 +11,14 @@ from ..autopilot.autopilot import Autopilot
 from ..checkpointing import dispatch
 from ..checkpointing.layer_call import LayerCall, resolve_module
 from ..checkpointing.options import OffloadOptions
+from ..swapping import run_swapped
 from .rule import gradients_flow_through, training
 
-__all__ = ["LayerCheckpointer"]
+__all__ = ["LAYER_MODES", "LayerCheckpointer"]
+
+# What a layer the selective rule picks does: checkpointed (its input offloaded as the options say),
+# swapped (not recomputed; its saved activations parked in host memory) or kept (all saved on the device).
+LAYER_MODES = ("checkpoint", "swap", "keep")
 
 
 class LayerCheckpointer:
@@ -33,8 +38,10 @@ class LayerCheckpointer:
             hooks around ``torch.utils.checkpoint(use_reentrant=False)``.
         layer_indices: the position of each layer in its stack, for
             ``every_n_layers`` and the autopilot.
-        autopilot: picks keep, checkpoint or offload for each indexed layer
-            (then ``options`` only give the prefetch depth and threshold).
+        autopilot: picks keep, checkpoint, offload or swap for each indexed
+            layer (then ``options`` only give the prefetch depth and threshold).
+        modes: what each indexed layer the rule picks does, one of
+            :data:`LAYER_MODES` per index (None: all ``checkpoint``).
 
     Attributes:
         checkpoint: runs a call checkpointed with the options given, on this
@@ -42,7 +49,8 @@ class LayerCheckpointer:
 
     Raises:
         TypeError: ``options`` is not an OffloadOptions, or a flag not a bool.
-        ValueError: ``every_n_layers`` is not a positive int, or is combined with an autopilot.
+        ValueError: ``every_n_layers`` is not a positive int, or is combined with
+            an autopilot, as are ``modes``; or a mode is unknown.
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class LayerCheckpointer:
         use_reentrant: bool = False,
         layer_indices: Mapping[nn.Module, int] | None = None,
         autopilot: Autopilot | None = None,
+        modes: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(options, OffloadOptions):
             raise TypeError(f"LayerCheckpointer: options must be a gcoffload.OffloadOptions, got {options!r}")
@@ -64,6 +73,12 @@ class LayerCheckpointer:
                 "every_n_layers and memory_budget cannot be combined: the autopilot picks which layers "
                 "keep their activations; leave every_n_layers at 1"
             )
+        if modes is not None:
+            if autopilot is not None:
+                raise ValueError("modes and memory_budget cannot be combined: the autopilot picks the modes")
+            unknown = sorted({str(mode) for mode in modes} - set(LAYER_MODES))
+            if unknown:
+                raise ValueError(f"mode must be one of {list(LAYER_MODES)} (or one per layer), got {unknown}")
         if autopilot is not None and not isinstance(autopilot, Autopilot):
             raise TypeError(
                 f"LayerCheckpointer: autopilot must be a gcoffload Autopilot or None, got {autopilot!r}"
@@ -77,6 +92,7 @@ class LayerCheckpointer:
         self.use_reentrant = use_reentrant
         self.layer_indices = dict(layer_indices or {})
         self.autopilot = autopilot
+        self.modes = tuple(modes) if modes is not None else None
         self.checkpoint = dispatch.path(use_reentrant)
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -95,11 +111,16 @@ class LayerCheckpointer:
             return self.autopilot.run(call, checkpointed, self.checkpoint)
         if not checkpointed:
             return dispatch.run_plainly(call)
+        mode = self.modes[index] if self.modes is not None and index is not None else "checkpoint"
+        if mode == "swap":
+            return run_swapped(call, self.options)
+        if mode == "keep":
+            return dispatch.run_plainly(call)
         return self.checkpoint(call, self.options)
 
     def __repr__(self) -> str:
         return (
             f"LayerCheckpointer({self.options}, only_trainable={self.only_trainable}, "
             f"every_n_layers={self.every_n_layers}, use_reentrant={self.use_reentrant}, "
-            f"autopilot={self.autopilot})"
+            f"autopilot={self.autopilot}, modes={self.modes})"
         )

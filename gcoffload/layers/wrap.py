@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from ..autopilot.autopilot import Autopilot
 from ..autopilot.planner import Plan
 from ..checkpointing.options import OffloadOptions
-from .checkpointer import LayerCheckpointer
+from .checkpointer import LAYER_MODES, LayerCheckpointer
 
 __all__ = ["WrappedLayers", "wrap_layers"]
 
@@ -76,8 +76,9 @@ def wrap_layers(
     every_n_layers: int = 1,
     use_reentrant: bool = False,
     memory_budget: object = None,
+    mode: str | Sequence[str] = "checkpoint",
 ) -> WrappedLayers:
-    """Makes each layer checkpoint itself, with its input parked in host memory.
+    """Makes each layer checkpoint itself, with its input parked in host memory (or swap its activations).
 
     Afterwards the layers are called as usual. In training mode with grad
     enabled, each call goes through the selective rule (see
@@ -103,14 +104,22 @@ def wrap_layers(
             stack's gradients still to come, read at every pass). The first
             step at each new input size is a profile step (see
             :mod:`gcoffload.autopilot.autopilot`); ``WrappedLayers.plan`` is the plan in
-            force. Not with ``every_n_layers``.
+            force. Not with ``every_n_layers`` or ``mode``.
+        mode: what each layer the selective rule picks does: ``"checkpoint"``
+            (recomputed in backward, its input kept as ``options`` say),
+            ``"swap"`` (not recomputed: everything it saves for backward
+            travels to host memory during the following layers' forward and
+            comes back ``prefetch_depth`` layers ahead, see
+            :mod:`gcoffload.swapping`) or ``"keep"`` (not recomputed, all saved
+            on the device); or one of these per layer.
 
     Returns:
         A :class:`WrappedLayers`; its ``unwrap()`` restores the layers.
 
     Raises:
         TypeError: ``layers`` is not an iterable of modules, or ``options`` not an OffloadOptions.
-        ValueError: an option is out of range, or a layer is already wrapped.
+        ValueError: an option is out of range, a mode unknown or not one per
+            layer, or a layer is already wrapped.
 
     Example:
         >>> wrapped = gcoffload.wrap_layers(model.blocks)
@@ -134,6 +143,14 @@ def wrap_layers(
     if len({id(module) for module in modules}) != len(modules):
         raise ValueError("layers contains the same module twice")
 
+    if isinstance(mode, str):
+        if mode not in LAYER_MODES:
+            raise ValueError(f"mode must be one of {list(LAYER_MODES)} or one per layer, got {mode!r}")
+        modes = None if mode == "checkpoint" else (mode,) * len(modules)
+    else:
+        modes = tuple(mode)
+        if len(modes) != len(modules):
+            raise ValueError(f"mode: {len(modes)} modes given for {len(modules)} layers; give one per layer")
     options = OffloadOptions() if options is None else options
     if not isinstance(options, OffloadOptions):
         raise TypeError(f"wrap_layers: options must be a gcoffload.OffloadOptions or None, got {options!r}")
@@ -148,6 +165,7 @@ def wrap_layers(
         use_reentrant=use_reentrant,
         layer_indices={module: index for index, module in enumerate(modules)},
         autopilot=autopilot,
+        modes=modes,
     )
     previous = []
     for module in modules:
