@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+import gcoffload
+
 transformers = __import__("pytest").importorskip("transformers")
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
@@ -40,10 +42,34 @@ def config(family: str, layers: int = 4) -> transformers.PretrainedConfig:
     )  # fmt: skip
 
 
-def model(family: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
+def model(family: str, layers: int = 4, seed: int = 0, attn: str = "eager") -> torch.nn.Module:
     torch.manual_seed(seed)
-    built = transformers.AutoModelForCausalLM.from_config(config(family, layers), attn_implementation="eager")
+    built = transformers.AutoModelForCausalLM.from_config(config(family, layers), attn_implementation=attn)
     return built.float()
+
+
+def pin_plan(model: torch.nn.Module, modes: list[str]) -> None:
+    """Patches ``model`` with an autopilot whose plan for :func:`batch`'s shape is ``modes``.
+
+    The plan comes from the profile of a copy of the model, so the model's own
+    first steps already run it.
+    """
+    from gcoffload.autopilot import predict
+    from gcoffload.autopilot.plan_cache import bucket_tokens
+    from gcoffload.integrations.hf import _PATCH_ATTRIBUTE
+
+    def patched_autopilot(target: torch.nn.Module):
+        gcoffload.patch_model(target, gcoffload.OffloadOptions(min_offload_bytes=0), memory_budget=1 << 40)
+        base = target.get_base_model() if hasattr(target, "get_base_model") else target
+        return getattr(base, _PATCH_ATTRIBUTE).autopilot
+
+    probe = copy.deepcopy(model)
+    autopilot = patched_autopilot(probe)
+    for _ in range(2):  # the first pass, the profile step
+        loss_and_grads(probe, batch())
+    (profile,) = autopilot.profiles.values()
+    plan = predict(profile.scaled(bucket_tokens(profile.tokens)), modes)
+    patched_autopilot(model).use(plan)
 
 
 def pair(family: str, layers: int = 4) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -17,7 +17,7 @@ import torch
 
 import gcoffload
 from gcoffload.__main__ import main
-from gcoffload.bench import autopilot, common, hf_step, host_cost, noise, plots, stack_overlap, suite
+from gcoffload.bench import autopilot, common, hf_step, host_cost, noise, plots, stack_overlap, suite, swap
 from gcoffload.bench.decoder import LLAMA_1B, LLAMA_8B, SMOKE, build_stack, run_stack
 from gcoffload.bench.stack_overlap import StackConfig
 from gcoffload.bench.strategies import STRATEGIES
@@ -61,6 +61,8 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
         *(hf if suite._hf_installed() else []),
         "autopilot smoke L=4 1x256: profile",
         *(f"autopilot smoke L=4 1x256: {name}" for name in AUTOPILOT_RUNS),
+        "swap smoke L=4 1x256: profile",
+        *(f"swap smoke L=4 1x256: {name}" for name in swap.RUNS),
         *(f"host cost: set up {name}" for name in host_cost.VARIANTS),
         f"host cost: 20 interleaved steps of 6 variants, {host_cost.LAYERS} layers",
         "write results.json, summary.md and PNGs",
@@ -88,7 +90,14 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
     runs = results["autopilot"]["runs"]
     assert [row["run"] for row in runs] == AUTOPILOT_RUNS
     assert all(row["predicted_ms"] > 0 and row["plan"].startswith("gcoffload plan for") for row in runs[2:])
-    assert runs[2]["modes"] == {"offload": 4}  # the least-memory budget
+    assert "keep" not in runs[2]["modes"]  # the least-memory budget
+    assert runs[2]["predicted_peak_bytes"] <= runs[2]["budget_bytes"]
+    (bus,) = results["swap"]["buses"]  # the CPU's own bus, once
+    assert [row["run"] for row in bus["runs"]] == list(swap.RUNS)
+    assert bus["runs"][0]["vs_checkpoint"] == 1.0 and bus["budget_bytes"] > 0
+    assert bus["runs"][3]["plan"].startswith("gcoffload plan for")
+    assert "swap" not in bus["runs"][2]["modes"]
+    assert bus["runs"][4]["host_peak_bytes"] > bus["runs"][1]["host_peak_bytes"] > 0
     host = {row["variant"]: row for row in results["host_cost"]["rows"]}
     assert (
         host["torch reentrant"]["vs_torch_same_path"]

@@ -279,3 +279,25 @@ class TestPersistence:
         saved = json.loads((tmp_path / "config.json").read_text())
         assert saved["use_cache"] is True
         assert not any("gcoffload" in key for key in saved)
+
+
+SWAP_PLAN = ["swap", "swap", "checkpoint", "swap"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_swap_plans_of_the_autopilot_match_stock(family, attn, tuning):
+    reference = hf_models.model(family, attn=attn)
+    model = copy.deepcopy(reference)
+    if tuning == "lora":
+        reference, model = hf_models.lora(reference, family), hf_models.lora(model, family)
+    ids = batch()
+    expected = loss_and_grads(reference, ids)
+    hf_models.pin_plan(model, SWAP_PLAN)
+    gcoffload.reset_stats()
+    assert_same(expected, loss_and_grads(model, ids))
+    stats = ENGINE.stats()
+    assert (stats["swapped_layers"], stats["checkpointed_layers"], stats["recomputes"]) == (3, 1, 1)
+    assert stats["swapped_storages"] > 3 and stats["fetches"] == stats["offloads"]
+    assert [mode.value for mode in model.gcoffload_plan.modes] == SWAP_PLAN

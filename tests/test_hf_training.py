@@ -181,3 +181,20 @@ class TestPrepareModelForTraining:
             "use_reentrant_gc",
             "upcast_lmhead_output",
         }
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
+def test_the_trainer_runs_a_swap_plan_and_matches_an_unpatched_run(tmp_path, use_peft):
+    reference = hf_models.model("llama")
+    model = copy.deepcopy(reference)
+    if use_peft:
+        reference, model = hf_models.lora(reference, "llama"), hf_models.lora(model, "llama")
+    expected_losses, expected_weights = train_three_steps(reference, str(tmp_path / "reference"), False)
+    hf_models.pin_plan(model, ["swap", "keep", "swap", "checkpoint"])
+    ENGINE.reset_stats()
+    losses, weights = train_three_steps(model, str(tmp_path / "patched"), True)
+    stats = ENGINE.stats()
+    assert (stats["swapped_layers"], stats["kept_layers"], stats["recomputes"]) == (3 * 2, 3, 3)
+    assert len(losses) == 3 and losses == expected_losses
+    for name, weight in weights.items():
+        assert torch.equal(weight, expected_weights[name]), name

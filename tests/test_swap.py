@@ -15,7 +15,7 @@ import pytest
 import simdevice
 import torch
 from conftest import DEVICES
-from toy_models import Stack, add_lora, batch, causal_mask, loss_and_grads, make_pair
+from toy_models import add_lora, batch, causal_mask, loss_and_grads, make_pair
 
 import gcoffload
 from gcoffload.checkpointing import counters
@@ -220,13 +220,17 @@ class RaisesInBackward(torch.nn.Module):
 def test_nothing_leaks_when_a_swapped_layer_raises(no_leaks):
     layers = torch.nn.ModuleList([SavesItsOutput(), RaisesInForward()])
     x = torch.randn(4, 16, requires_grad=True)
-    with gcoffload.wrap_layers(layers, SWAP_ALL, mode="swap"):
-        with pytest.raises(RuntimeError, match="the layer failed"):
-            layers[1](layers[0](x))
+    with (
+        gcoffload.wrap_layers(layers, SWAP_ALL, mode="swap"),
+        pytest.raises(RuntimeError, match="the layer failed"),
+    ):
+        layers[1](layers[0](x))
     assert no_leaks.stats()["offloads"] >= 1  # layer 0's storages had left
-    with gcoffload.swap_activations(min_offload_bytes=0, keep_pending=1):
-        with pytest.raises(RuntimeError, match="the layer failed"):
-            RaisesInForward()(x)
+    with (
+        gcoffload.swap_activations(min_offload_bytes=0, keep_pending=1),
+        pytest.raises(RuntimeError, match="the layer failed"),
+    ):
+        RaisesInForward()(x)
     gc.collect()
 
 

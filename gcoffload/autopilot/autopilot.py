@@ -43,13 +43,14 @@ from ..checkpointing.dispatch import run_plainly
 from ..checkpointing.layer_call import LayerCall
 from ..checkpointing.options import OffloadOptions
 from ..checkpointing.saved_input import can_save
-from ..engine import get_engine
+from ..engine import get_engine, registry
+from ..swapping import run_swapped
 from .budget import MemoryBudget, gradient_bytes_to_come
 from .measure import LayerMeter, measure_copies
 from .mode_options import ModeOptions
 from .passes import PassTracker
 from .plan_cache import PlanCache, bucket_tokens, tokens_of
-from .planner import Plan, fastest_plan, least_memory
+from .planner import Mode, Plan, fastest_plan, least_memory
 from .profile import CopyProfile, LayerProfile, Profile
 from .profile_step import ProfileStep
 
@@ -130,10 +131,12 @@ class Autopilot:
                 (False: it runs plainly, whatever the plan).
             checkpoint: runs the call checkpointed with the options given.
         """
-        options, meter = self._options_for(call, checkpointed)
+        mode, options, meter = self._options_for(call, checkpointed)
         if not checkpointed:
             return run_plainly(call)
         if meter is None:
+            if mode is Mode.SWAP:
+                return run_swapped(call, options, prefetched=self._modes.swap_prefetch)
             return call.run() if options is None else checkpoint(call, options)
         call.meter = meter
         if options is None:
@@ -146,8 +149,8 @@ class Autopilot:
     @torch.compiler.disable
     def _options_for(
         self, call: LayerCall, checkpointed: bool
-    ) -> tuple[OffloadOptions | None, LayerMeter | None]:
-        """The options to checkpoint ``call`` with (None: keep it) and, in a profile step, its meter."""
+    ) -> tuple[Mode, OffloadOptions | None, LayerMeter | None]:
+        """The mode of ``call``, its options (None: keep it) and, in a profile step, its meter."""
         index, hidden = call.index, call.hidden
         self._begin_call(index, hidden)
         profiling = self._profiling
@@ -156,19 +159,19 @@ class Autopilot:
                 profiling.plain(index, hidden)
                 if index >= self.layer_count - 1:
                     self._finish_profile()
-            return None, None
+            return Mode.PLAIN, None, None
         if profiling is None:
-            options = self._modes.for_layer(index)
-            if options is None:
+            mode, options = self._modes.for_layer(index)
+            if mode is Mode.KEEP:
                 counters.count(hidden.device, "kept_layers")
-            return options, None
+            return mode, options, None
         counters.count(hidden.device, "profiled_layers")
-        least_memory = self._modes.least_memory
+        mode, least_memory = self._modes.least_memory
         meter = profiling.meter(call, can_save(hidden) and least_memory.offloads(hidden))
         if index == self.layer_count - 1:  # kept: see BackwardClock
             counters.count(hidden.device, "kept_layers")
-            return None, meter
-        return least_memory, meter
+            return Mode.KEEP, None, meter
+        return mode, least_memory, meter
 
     @torch.compiler.disable
     def _ran(self, index: int, output: Any) -> None:
@@ -285,7 +288,13 @@ class Autopilot:
     def _start_profile(self, bucket: int, tokens: int, hidden: torch.Tensor) -> None:
         self.plan_in_force = None
         self._modes.follow(None)
-        self._profiling = ProfileStep(bucket, tokens, self._budget_bytes(hidden.device), self.layer_count)
+        self._profiling = ProfileStep(
+            bucket,
+            tokens,
+            self._budget_bytes(hidden.device),
+            self.layer_count,
+            self._modes.least_memory[1].min_offload_bytes,
+        )
 
     def _finish_profile(self) -> None:
         """The forward pass is measured: a first plan, with the usual backward time (raises if none fits)."""
@@ -328,7 +337,13 @@ class Autopilot:
             ValueError: a budget the user gave is below the least memory the layers take.
         """
         try:
-            return fastest_plan(profile, budget, prefetch_depth=self.prefetch_depth)
+            return fastest_plan(
+                profile,
+                budget,
+                prefetch_depth=self.prefetch_depth,
+                swap=self._modes.moves,
+                host_budget=registry.settings()["host_budget_bytes"],
+            )
         except ValueError:
             if not self.budget.auto:
                 raise

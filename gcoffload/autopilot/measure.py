@@ -40,7 +40,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..checkpointing.layer_call import LayerCall, flatten_arguments
+from ..checkpointing.options import DEFAULT_MIN_OFFLOAD_BYTES
 from ..engine import CopyEngine
+from ..swapping.region import SwapRegion
 from .profile import CopyProfile, LayerProfile, Profile
 
 __all__ = ["BackwardClock", "LayerMeter", "measure_copies", "storage_key"]
@@ -66,14 +68,17 @@ class LayerMeter:
 
     Args:
         call: the layer call; its hidden states are on the device measured.
+        min_offload_bytes: the threshold under which swap leaves a storage on the device.
 
     Attributes (once :meth:`run` has run): ``saved_keys``, the storages the
     layer saves; ``own_bytes``; ``output_key``, ``output_bytes`` and
     ``output_storage`` (a weak reference) of its first output tensor;
-    ``seconds``, its forward time.
+    ``seconds``, its forward time; ``travelling``, the bytes each storage swap
+    mode would send to host memory, by storage key (counted by the swap
+    region's own rules, :meth:`SwapRegion.travelling`).
     """
 
-    def __init__(self, call: LayerCall) -> None:
+    def __init__(self, call: LayerCall, min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES) -> None:
         hidden = call.hidden
         self.device = hidden.device
         module = call.module
@@ -90,6 +95,15 @@ class LayerMeter:
             if key not in self._excluded and key != self.hidden_key and storage.nbytes() > 0:
                 self.arguments.setdefault(key, (StorageWeakRef(storage), storage.nbytes()))
         self.measuring = True
+        self._swap = SwapRegion(
+            call.layer,
+            prefetch_depth=0,
+            min_offload_bytes=min_offload_bytes,
+            held_anyway=(*owned, *(leaf for leaf in call.leaves if leaf is not hidden)),
+            sizing=True,
+        )
+        self.travelling: dict[int, int] = {}
+        self._saved_bytes: dict[int, int] = {}
         self._saved: dict[int, torch.UntypedStorage] = {}
         self.saved_keys: frozenset[int] = frozenset()
         self.own_bytes = 0
@@ -120,6 +134,7 @@ class LayerMeter:
             self._finish(output)
         finally:
             self._saved.clear()
+            self._swap.abandon()
         return output
 
     def _hooks(
@@ -149,9 +164,12 @@ class LayerMeter:
         key = storage._cdata
         if key not in self._excluded and storage.nbytes() > 0:
             self._saved[key] = storage
+            self._swap.pack(tensor)
 
     def _finish(self, output: Any) -> None:
         self.saved_keys = frozenset(self._saved)
+        self._saved_bytes = {key: storage.nbytes() for key, storage in self._saved.items()}
+        self.travelling = self._swap.travelling()
         outputs = _tensors(output)
         if outputs:
             storage = outputs[0].untyped_storage()
@@ -182,7 +200,25 @@ class LayerMeter:
             arguments=tuple(argument_ids[key] for key in self.arguments),
             saved_arguments=tuple(argument_ids[key] for key in self.arguments if key in self.saved_keys),
             largest_saved_bytes=self.largest_saved_bytes,
+            **self._swap_profile(),
         )
+
+    def _swap_profile(self) -> dict[str, Any]:
+        """What swap mode would move and leave (Note [What a layer holds, by storage] in profile.py)."""
+        travelling = self.travelling
+        shared = {self.hidden_key, self.output_key, *self.arguments}
+        last = next(reversed(travelling.values()), 0)
+        return {
+            "swap_bytes": sum(travelling.values()),
+            "swap_resident_bytes": sum(
+                storage_bytes
+                for key, storage_bytes in self._saved_bytes.items()
+                if key not in shared and key not in travelling
+            ),
+            "input_swapped": self.hidden_key in travelling,
+            "output_swapped": self.output_key in travelling,
+            "first_needed_swap_bytes": last,
+        }
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

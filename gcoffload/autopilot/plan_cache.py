@@ -33,7 +33,15 @@ def bucket_tokens(tokens: int) -> int:
     if tokens <= 1:
         return 1
     step = math.ceil(_BUCKETS_PER_DOUBLING * math.log2(tokens) - 1e-9)
-    return max(tokens, math.ceil(2 ** (step / _BUCKETS_PER_DOUBLING) - 1e-9))
+    # A bound is rounded up to a whole token count, so the step below may already reach ``tokens``:
+    # then that bucket is ``tokens``' own (and a bound is its own bucket's, as Autopilot.use needs).
+    while step > 0 and _bound(step - 1) >= tokens:
+        step -= 1
+    return max(tokens, _bound(step))
+
+
+def _bound(step: int) -> int:
+    return math.ceil(2 ** (step / _BUCKETS_PER_DOUBLING) - 1e-9)
 
 
 def tokens_of(hidden: torch.Tensor) -> int:

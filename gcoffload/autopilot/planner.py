@@ -4,6 +4,8 @@ A pure function of a :class:`~gcoffload.profile.Profile` and a budget, tested
 without running a model. Each layer that gradients flow through gets one of
 
 * ``keep``: not checkpointed; autograd holds all its saved activations;
+* ``swap``: not checkpointed; what it saves travels to host memory and back
+  (:mod:`gcoffload.swapping`), so it holds almost nothing and is not recomputed;
 * ``checkpoint``: only its input is held, on the device; recomputed in backward;
 * ``offload``: checkpointed with the input parked in host memory;
 
@@ -42,7 +44,10 @@ layer holds, by storage] in profile.py), each counted once:
   checkpointed or offloaded layer holds all of its arguments, a kept layer
   those it saves.
 
-An offloaded layer's input is on the host. Each layer's row attributes to it
+An offloaded layer's input is on the host; a swapped layer holds only what
+swap leaves on the device (``swap_resident_bytes``, its input and output if
+they do not travel, and the arguments it saves, as a kept layer does). Each
+layer's row attributes to it
 its own storages, its output and the *next* layer's input (the first layer's
 row also its own input), so the rows depend on the next layer's mode only;
 arguments are summed once for the plan. That total is exactly what autograd
@@ -54,25 +59,31 @@ gradient flowing through the stack (two layer inputs), the gradient buffer of
 the largest storage a layer saved (its backward pass allocates one that size
 while the layer's activations are still held) and, if any layer is
 recomputed, the largest layer's saved activations (a recompute) plus
-``prefetch_depth`` prefetched inputs, plus, if any is offloaded, its own
-input back on the device. The plan keeps the peak within the budget. On the
+``prefetch_depth`` prefetched units, plus, if any is offloaded, its own
+input back on the device. A plan that swaps adds its largest swapped layer's
+activations back on the device (with the prefetched units if they are
+prefetched; the larger of this and a recompute counts) and the swapped bytes
+whose D2H copy may still run when backward begins (each D2H copy timed
+against the forward time after it). The plan keeps the peak within the budget. On the
 simulated device the real peak of a step is within this for kept,
 checkpointed and mixed plans; D2H copies still in flight when backward
 begins are not counted (where copies hide behind compute, none are).
 
 Note [Why an exact dynamic program]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Picking one of three modes per layer under a memory cap is a multiple-choice
+Picking one of four modes per layer under a memory cap is a multiple-choice
 knapsack. A layer's time and bytes depend on the next layer's mode (the H2D
-window, the shared output storage) and on how many checkpointed layers follow
-(on-demand and turn copies), so the program runs from the last layer to the
-first with the state (mode of the layer, checkpointed layers after it, capped)
+window, the shared output storage) and on how many units follow (on-demand
+and turn copies), so the program runs from the last layer to the
+first with the state (mode of the layer, units after it, capped)
 and the memory used, in units of a power of two between 1/8192 and 1/4096 of
 the stack's largest total.
 Bytes are rounded up to units, so a plan never exceeds the budget; for 128
 layers the program takes tens of milliseconds. It runs twice, with offloading
 allowed and without, since the working set of a plan that offloads is larger
-by one input (Note [The memory model]); the faster plan wins. Being exact, more budget never
+by one input (Note [The memory model]), and twice more for each way of
+bringing swapped activations back; the faster plan wins. The last layer never
+swaps (its activations would come straight back). Being exact, more budget never
 gives a plan predicted slower.
 """
 
@@ -96,6 +107,7 @@ class Mode(str, enum.Enum):
     """What a layer does with its activations."""
 
     KEEP = "keep"
+    SWAP = "swap"
     CHECKPOINT = "checkpoint"
     OFFLOAD = "offload"
     PLAIN = "plain"
@@ -104,8 +116,13 @@ class Mode(str, enum.Enum):
     def recomputes(self) -> bool:
         return self in (Mode.CHECKPOINT, Mode.OFFLOAD)
 
+    @property
+    def links(self) -> bool:
+        """Whether the layer is a unit of the forward chain (prefetches, and is prefetched, in backward)."""
+        return self in (Mode.CHECKPOINT, Mode.OFFLOAD, Mode.SWAP)
 
-_MODES = (Mode.KEEP, Mode.CHECKPOINT, Mode.OFFLOAD, Mode.PLAIN)
+
+_MODES = (Mode.KEEP, Mode.SWAP, Mode.CHECKPOINT, Mode.OFFLOAD, Mode.PLAIN)
 
 
 @dataclass(frozen=True)
@@ -138,7 +155,11 @@ class Plan:
         peak_bytes: ``held_bytes`` plus the backward pass's working set.
         step_seconds: predicted forward + backward time of the stack.
         tokens: tokens per step it was made for.
-        prefetch_depth: inputs copied back ahead of the backward pass.
+        prefetch_depth: units (inputs, swapped layers) copied back ahead of the backward pass.
+        host_bytes: pinned host memory the plan's offloads and swaps take.
+        swap_prefetch: whether a swapped layer's activations are prefetched by
+            the layers after it (else by its own backward pass, Note [Two ways
+            to bring swapped activations back]).
     """
 
     layers: tuple[LayerPlan, ...]
@@ -148,6 +169,8 @@ class Plan:
     step_seconds: float
     tokens: int
     prefetch_depth: int
+    host_bytes: int = 0
+    swap_prefetch: bool = True
 
     @property
     def modes(self) -> tuple[Mode, ...]:
@@ -173,15 +196,24 @@ class Plan:
                 f"{layer.seconds * 1e3:>7.3f} ms  {layer.exposed_copy_seconds * 1e3:>7.3f} ms"
             )
         counts = ", ".join(f"{count} {mode}" for mode, count in self.counts().items())
+        host = f", host {_mib(self.host_bytes)}" if self.host_bytes else ""
         rows.append(
             f"total: {counts}; held after forward {_mib(self.held_bytes)}, peak {_mib(self.peak_bytes)} "
-            f"of {_mib(self.budget_bytes)}; step {self.step_seconds * 1e3:.3f} ms (predicted)"
+            f"of {_mib(self.budget_bytes)}{host}; step {self.step_seconds * 1e3:.3f} ms (predicted)"
         )
         return "\n".join(rows)
 
 
 def _holds_own_input(layer: LayerProfile, mode: Mode | None) -> bool:
-    return mode is Mode.CHECKPOINT or (mode is Mode.KEEP and layer.saves_input)
+    return (
+        mode is Mode.CHECKPOINT
+        or (mode is Mode.KEEP and layer.saves_input)
+        or (mode is Mode.SWAP and layer.saves_input and not layer.input_swapped)
+    )
+
+
+def _keeps_output(layer: LayerProfile, mode: Mode) -> bool:
+    return layer.saves_output and (mode is Mode.KEEP or (mode is Mode.SWAP and not layer.output_swapped))
 
 
 def _mib(nbytes: int) -> str:
@@ -189,44 +221,80 @@ def _mib(nbytes: int) -> str:
 
 
 class _Model:
-    """The time and memory models of Notes [The time model] and [The memory model] for one profile."""
+    """The time and memory models of Notes [The time model] and [The memory model] for one profile.
 
-    def __init__(self, profile: Profile, prefetch_depth: int) -> None:
+    Args:
+        profile: the measured layers and copies.
+        prefetch_depth: units copied back ahead of the backward pass.
+        swap: None (no layer swaps), or whether swapped layers are prefetched
+            ahead (Note [Two ways to bring swapped activations back]).
+        no_swap: indices of layers that may not swap (the host budget took them).
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        prefetch_depth: int,
+        swap: bool | None = None,
+        no_swap: frozenset[int] = frozenset(),
+    ) -> None:
         self.layers = profile.layers
         self.copies = profile.copies
         self.arguments = profile.arguments
         self.backward_per_forward = profile.backward_per_forward
         self.recompute_per_forward = profile.recompute_per_forward
         self.depth = prefetch_depth
+        self.swap = swap
+        self.no_swap = no_swap
         planned = [layer for layer in self.layers if layer.planned]
+        last_planned = max(
+            (position for position, layer in enumerate(self.layers) if layer.planned), default=None
+        )
+        self.swappable = frozenset(
+            position
+            for position, layer in enumerate(self.layers)
+            if swap is not None and layer.planned and layer.swap_bytes > 0 and position not in no_swap
+        )
+        # The program never swaps the last layer: its activations would come straight back, and keeping
+        # them costs the same memory at the turn without the copies.
+        self.last_planned = last_planned
         largest_input = max((layer.input_bytes for layer in self.layers), default=0)
+        self.largest_swap = max((self.layers[position].swap_bytes for position in self.swappable), default=0)
         # The gradient through the stack (in and out of a layer) and the largest gradient buffer a layer's
         # backward pass allocates for what it saved.
         self.gradient_bytes = 2 * largest_input + max(
             (layer.largest_saved_bytes for layer in planned), default=0
         )
-        self.recompute_bytes = (
-            max((layer.saved_bytes for layer in planned), default=0) + prefetch_depth * largest_input
+        prefetched_unit = max(largest_input, self.largest_swap if swap else 0)
+        self.recompute_bytes = max((layer.saved_bytes for layer in planned), default=0) + (
+            prefetch_depth * prefetched_unit
         )
+        self.swap_working_bytes = self.largest_swap + (prefetch_depth * prefetched_unit if swap else 0)
         self.fetched_bytes = largest_input  # an offloaded layer's own input, back for its recompute
         self.passed_argument_bytes = sum(
             self.arguments[index] for index in {index for layer in planned for index in layer.arguments}
         )
 
-    def allowed(self, layer: LayerProfile) -> tuple[Mode, ...]:
+    def allowed(self, position: int) -> tuple[Mode, ...]:
+        """The modes layer ``position`` may have, from the most memory to the least."""
+        layer = self.layers[position]
         if not layer.planned:
             return (Mode.PLAIN,)
-        return (
-            (Mode.KEEP, Mode.CHECKPOINT, Mode.OFFLOAD) if layer.offloadable else (Mode.KEEP, Mode.CHECKPOINT)
-        )
+        modes = [Mode.KEEP]
+        if position in self.swappable:
+            modes.append(Mode.SWAP)
+        modes.append(Mode.CHECKPOINT)
+        if layer.offloadable:
+            modes.append(Mode.OFFLOAD)
+        return tuple(modes)
 
     def held(self, index: int, mode: Mode, next_mode: Mode | None) -> int:
         """The bytes Note [The memory model] attributes to layer ``index``'s row."""
         layer = self.layers[index]
-        held = layer.own_bytes if mode is Mode.KEEP else 0
+        held = layer.own_bytes if mode is Mode.KEEP else layer.swap_resident_bytes if mode is Mode.SWAP else 0
         if index == 0 and _holds_own_input(layer, mode):
             held += layer.input_bytes
-        keeps_output = mode is Mode.KEEP and layer.saves_output
+        keeps_output = _keeps_output(layer, mode)
         after = self.layers[index + 1] if next_mode is not None else None
         if after is None or not after.input_is_previous_output:
             held += layer.output_bytes if keeps_output else 0
@@ -242,9 +310,16 @@ class _Model:
         for layer, mode in zip(self.layers, modes, strict=True):
             if mode.recomputes:
                 held.update(layer.arguments)
-            elif mode is Mode.KEEP:
+            elif mode in (Mode.KEEP, Mode.SWAP):
                 held.update(layer.saved_arguments)
         return sum(self.arguments[index] for index in held)
+
+    def host_bytes(self, modes: Sequence[Mode]) -> int:
+        """Pinned host bytes the offloaded inputs and swapped activations of ``modes`` take."""
+        return sum(
+            layer.input_bytes if mode is Mode.OFFLOAD else layer.swap_bytes if mode is Mode.SWAP else 0
+            for layer, mode in zip(self.layers, modes, strict=True)
+        )
 
     def backward_seconds(self, index: int, mode: Mode) -> float:
         layer = self.layers[index]
@@ -253,46 +328,100 @@ class _Model:
         recompute = self.recompute_per_forward if mode.recomputes else 0.0
         return layer.forward_seconds * (self.backward_per_forward + recompute)
 
-    def exposed_copy(self, index: int, next_mode: Mode | None, checkpointed_after: int) -> float:
-        """Copy time an offloaded layer waits for; ``checkpointed_after`` is capped at depth + 1."""
+    def exposed_copy(self, index: int, mode: Mode, next_mode: Mode | None, units_after: int) -> float:
+        """Copy time an offloaded or swapped layer waits for; ``units_after`` is capped at depth + 1."""
         layer = self.layers[index]
         copies = self.copies
-        turn = copies.overlaps_compute and 1 <= checkpointed_after <= self.depth
+        nbytes = layer.input_bytes if mode is Mode.OFFLOAD else layer.swap_bytes
+        turn = copies.overlaps_compute and 1 <= units_after <= self.depth
         h2d_rate = (
             min(copies.h2d_bytes_per_second, copies.bidirectional_bytes_per_second / 2)
             if turn
             else (copies.h2d_bytes_per_second)
         )
-        d2h = layer.input_bytes / copies.d2h_bytes_per_second
-        h2d = layer.input_bytes / h2d_rate
+        d2h = nbytes / copies.d2h_bytes_per_second
+        h2d = nbytes / h2d_rate
         if not copies.overlaps_compute:
             return d2h + h2d
         window = 0.0
-        if checkpointed_after > 0 and next_mode is not None:
+        prefetched = units_after > 0 and next_mode is not None and (mode is Mode.OFFLOAD or self.swap)
+        if prefetched:
             window = self.backward_seconds(index + 1, next_mode)
             for later in self.layers[index + 2 : index + 1 + self.depth]:
                 window += later.forward_seconds * self.backward_per_forward
-        return max(0.0, d2h - layer.forward_seconds) + max(0.0, h2d - window)
+        if mode is Mode.OFFLOAD:
+            return max(0.0, d2h - layer.forward_seconds) + max(0.0, h2d - window)
+        # Swap: Note [Swap in the time model].
+        after = self.layers[index + 1] if next_mode is not None else None
+        d2h_window = 0.0
+        if after is not None:
+            d2h_window = after.forward_seconds
+            if next_mode is Mode.OFFLOAD:
+                d2h_window -= after.input_bytes / copies.d2h_bytes_per_second
+        own_backward = self.backward_seconds(index, mode)
+        on_demand = max(layer.first_needed_swap_bytes / h2d_rate, h2d - own_backward)
+        waited = min(max(0.0, h2d - window), on_demand) if prefetched else on_demand
+        return max(0.0, d2h - max(d2h_window, 0.0)) + waited
 
     def seconds(
-        self, index: int, mode: Mode, next_mode: Mode | None, checkpointed_after: int
+        self, index: int, mode: Mode, next_mode: Mode | None, units_after: int
     ) -> tuple[float, float]:
         """(time, of which exposed copy time) of layer ``index`` in ``mode``."""
         forward = self.layers[index].forward_seconds
-        exposed = self.exposed_copy(index, next_mode, checkpointed_after) if mode is Mode.OFFLOAD else 0.0
+        moves = mode is Mode.OFFLOAD or mode is Mode.SWAP
+        exposed = self.exposed_copy(index, mode, next_mode, units_after) if moves else 0.0
         return forward + self.backward_seconds(index, mode) + exposed, exposed
+
+    def in_flight_bytes(self, modes: Sequence[Mode]) -> int:
+        """Swapped bytes whose D2H copy may still run when backward begins (Note [The memory model])."""
+        copies = self.copies
+        if not copies.overlaps_compute:
+            return 0
+        in_flight = 0
+        remaining = 0.0  # forward time after the layer
+        for layer, mode in zip(reversed(self.layers), reversed(modes), strict=True):
+            if mode is Mode.SWAP:
+                d2h = layer.swap_bytes / copies.d2h_bytes_per_second
+                if d2h > remaining:
+                    in_flight += math.ceil(layer.swap_bytes * (1 - remaining / d2h))
+            remaining += layer.forward_seconds
+        return in_flight
+
+    def in_flight_bound(self) -> int:
+        """The most :meth:`in_flight_bytes` can be for a plan of the program (the last layer never swaps)."""
+        modes = [
+            Mode.SWAP if position in self.swappable and position != self.last_planned else Mode.KEEP
+            for position in range(len(self.layers))
+        ]
+        return self.in_flight_bytes(modes)
 
     def reserve(self, modes: Sequence[Mode]) -> int:
         reserve = self.gradient_bytes
-        if any(mode.recomputes for mode in modes):
-            reserve += self.recompute_bytes
+        working = self.recompute_bytes if any(mode.recomputes for mode in modes) else 0
+        if Mode.SWAP in modes:
+            working = max(working, self.swap_working_bytes)
+            reserve += self.in_flight_bytes(modes)
+        reserve += working
         if Mode.OFFLOAD in modes:
             reserve += self.fetched_bytes
         return reserve
 
+    def case_reserve(self, offloads: bool, swaps: bool) -> int:
+        """The largest :meth:`reserve` of any plan that offloads, swaps, as given (for the program)."""
+        reserve = self.gradient_bytes + self.recompute_bytes
+        if swaps:
+            reserve = self.gradient_bytes + max(self.recompute_bytes, self.swap_working_bytes)
+            reserve += self.in_flight_bound()
+        return reserve + (self.fetched_bytes if offloads else 0)
+
 
 def predict(
-    profile: Profile, modes: Sequence[Mode | str], memory_budget: int = 0, *, prefetch_depth: int = 1
+    profile: Profile,
+    modes: Sequence[Mode | str],
+    memory_budget: int = 0,
+    *,
+    prefetch_depth: int = 1,
+    swap_prefetch: bool = True,
 ) -> Plan:
     """The :class:`Plan` for given modes: what the models predict, whatever the budget.
 
@@ -300,14 +429,17 @@ def predict(
         profile: the measured layers and copies.
         modes: one mode per layer (a :class:`Mode` or its name).
         memory_budget: bytes, recorded in the plan (the prediction does not depend on it).
-        prefetch_depth: inputs copied back ahead of the backward pass.
+        prefetch_depth: units copied back ahead of the backward pass.
+        swap_prefetch: whether swapped layers are prefetched by the layers
+            after them (Note [Two ways to bring swapped activations back]).
 
     Raises:
         TypeError: ``profile`` is not a Profile, or ``modes`` not a sequence.
         ValueError: ``modes`` has the wrong length, holds an unknown mode or one
             a layer cannot have, or ``memory_budget`` is not a non-negative int.
     """
-    model = _Model(_check_profile(profile, "predict"), _check_depth(prefetch_depth))
+    _check_profile(profile, "predict")
+    _check_depth(prefetch_depth)
     _check_budget(memory_budget)
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
         raise TypeError(f"predict: modes must be a sequence of modes, one per layer, got {modes!r}")
@@ -319,11 +451,11 @@ def predict(
         raise ValueError(
             f"predict: modes must each be one of {[mode.value for mode in _MODES]}, got {list(modes)!r}"
         ) from None
-    for layer, mode in zip(profile.layers, chosen, strict=True):
-        if mode not in model.allowed(layer):
-            raise ValueError(
-                f"modes: layer {layer.index} cannot be {mode.value}; it allows {model.allowed(layer)}"
-            )
+    model = _Model(profile, prefetch_depth, bool(swap_prefetch) if Mode.SWAP in chosen else None)
+    for position, (layer, mode) in enumerate(zip(profile.layers, chosen, strict=True)):
+        allowed = model.allowed(position)
+        if mode not in allowed:
+            raise ValueError(f"modes: layer {layer.index} cannot be {mode.value}; it allows {allowed}")
     return _assemble(profile, model, chosen, memory_budget)
 
 
@@ -336,7 +468,7 @@ def least_memory(profile: Profile, memory_budget: int = 0, *, prefetch_depth: in
     """
     model = _Model(_check_profile(profile, "least_memory"), _check_depth(prefetch_depth))
     _check_budget(memory_budget)
-    least = tuple(model.allowed(layer)[-1] for layer in profile.layers)
+    least = tuple(model.allowed(position)[-1] for position in range(len(profile.layers)))
     return _assemble(profile, model, least, memory_budget)
 
 
@@ -345,16 +477,16 @@ def _assemble(profile: Profile, model: _Model, modes: tuple[Mode, ...], budget: 
     rows: list[LayerPlan] = []
     held_total = 0
     step = 0.0
-    checkpointed_after = 0
+    units_after = 0
     for index in reversed(range(count)):
         next_mode = modes[index + 1] if index + 1 < count else None
-        seconds, exposed = model.seconds(index, modes[index], next_mode, checkpointed_after)
+        seconds, exposed = model.seconds(index, modes[index], next_mode, units_after)
         held = model.held(index, modes[index], next_mode)
         rows.append(LayerPlan(profile.layers[index].index, modes[index], held, seconds, exposed))
         held_total += held
         step = seconds + step  # the order the program adds in, so equal plans predict equal times
-        if modes[index].recomputes:
-            checkpointed_after = min(checkpointed_after + 1, model.depth + 1)
+        if modes[index].links:
+            units_after = min(units_after + 1, model.depth + 1)
     rows.reverse()
     held_total += model.argument_bytes(modes)
     return Plan(
@@ -365,6 +497,8 @@ def _assemble(profile: Profile, model: _Model, modes: tuple[Mode, ...], budget: 
         step_seconds=step,
         tokens=profile.tokens,
         prefetch_depth=model.depth,
+        host_bytes=model.host_bytes(modes),
+        swap_prefetch=model.swap is not False,
     )
 
 
@@ -392,7 +526,14 @@ def _check_depth(prefetch_depth: int) -> int:
     return prefetch_depth
 
 
-def fastest_plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 1) -> Plan:
+def fastest_plan(
+    profile: Profile,
+    memory_budget: int,
+    *,
+    prefetch_depth: int = 1,
+    swap: bool = True,
+    host_budget: int | None = None,
+) -> Plan:
     """The fastest modes whose predicted peak activation memory fits ``memory_budget``.
 
     See Notes [The time model], [The memory model] and [Why an exact dynamic program].
@@ -400,7 +541,11 @@ def fastest_plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 
     Args:
         profile: the measured layers and copies.
         memory_budget: device bytes the layers' activations may take at the peak.
-        prefetch_depth: inputs copied back ahead of the backward pass.
+        prefetch_depth: units copied back ahead of the backward pass.
+        swap: whether layers may swap (it needs the copy engine, as offloading does).
+        host_budget: pinned host bytes a plan's swaps may bring its host
+            memory to (None: no limit). Swaps go first, largest first, until it
+            fits; inputs offloaded past it follow ``over_budget`` as always.
 
     Returns:
         The plan; all layers kept if that fits.
@@ -411,9 +556,11 @@ def fastest_plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 
     """
     _check_budget(memory_budget)
     model = _Model(_check_profile(profile, "fastest_plan"), _check_depth(prefetch_depth))
+    if host_budget is not None and (not isinstance(host_budget, int) or host_budget < 0):
+        raise ValueError(f"host_budget must be None or a non-negative int of bytes, got {host_budget!r}")
     if not profile.layers:
         return _assemble(profile, model, (), memory_budget)
-    kept = tuple(model.allowed(layer)[0] for layer in profile.layers)
+    kept = tuple(model.allowed(position)[0] for position in range(len(profile.layers)))
     all_kept = _assemble(profile, model, kept, memory_budget)
     if all_kept.peak_bytes <= memory_budget:
         return all_kept
@@ -426,14 +573,43 @@ def fastest_plan(profile: Profile, memory_budget: int, *, prefetch_depth: int = 
             f"{_mib(smallest.peak_bytes - smallest.held_bytes)} working set in backward). "
             "Raise the budget, or shorten the batch."
         )
-    # The working set depends on whether a plan offloads (Note [The memory model]): one program per case.
-    plans = [smallest]
+    plans = [smallest, *_programs(profile, model, memory_budget, swaps=False)]
+    if swap and prefetch_depth > 0:
+        variants: tuple[bool, ...] = (False, True)
+    else:
+        variants = (False,) if swap else ()
+    for prefetched in variants:
+        no_swap: frozenset[int] = frozenset()
+        while True:
+            swapping = _Model(profile, prefetch_depth, prefetched, no_swap)
+            if not swapping.swappable:
+                break
+            found = [
+                plan
+                for plan in _programs(profile, swapping, memory_budget, swaps=True)
+                if Mode.SWAP in plan.modes
+            ]
+            over = [plan for plan in found if host_budget is not None and plan.host_bytes > host_budget]
+            plans.extend(plan for plan in found if plan not in over)
+            if not over:
+                break
+            # Note [Swaps within the host budget]: the largest swap of the plans over it goes.
+            swapped = {
+                position for plan in over for position, mode in enumerate(plan.modes) if mode is Mode.SWAP
+            }
+            no_swap |= {max(swapped, key=lambda position: profile.layers[position].swap_bytes)}
+    return min(plans, key=lambda plan: plan.step_seconds)
+
+
+def _programs(profile: Profile, model: _Model, memory_budget: int, *, swaps: bool) -> list[Plan]:
+    """The program's plans with offloading allowed and not (their working sets differ)."""
+    plans = []
     for offloads in (True, False):
-        reserve = model.reserve((Mode.OFFLOAD,) if offloads else (Mode.CHECKPOINT,))
+        reserve = model.case_reserve(offloads, swaps)
         modes = _knapsack(model, memory_budget - reserve - model.passed_argument_bytes, offloads)
         if modes is not None:
             plans.append(_assemble(profile, model, modes, memory_budget))
-    return min(plans, key=lambda plan: plan.step_seconds)
+    return plans
 
 
 def _knapsack(model: _Model, capacity_bytes: int, offloads: bool) -> tuple[Mode, ...] | None:
@@ -444,8 +620,13 @@ def _knapsack(model: _Model, capacity_bytes: int, offloads: bool) -> tuple[Mode,
     if capacity_bytes < 0:
         return None
 
-    def allowed(layer: LayerProfile) -> tuple[Mode, ...]:
-        return tuple(mode for mode in model.allowed(layer) if offloads or mode is not Mode.OFFLOAD)
+    def allowed(position: int) -> tuple[Mode, ...]:
+        return tuple(
+            mode
+            for mode in model.allowed(position)
+            if (offloads or mode is not Mode.OFFLOAD)
+            and (mode is not Mode.SWAP or position != model.last_planned)
+        )
 
     layers = model.layers
     count = len(layers)
@@ -466,7 +647,7 @@ def _knapsack(model: _Model, capacity_bytes: int, offloads: bool) -> tuple[Mode,
     # best[m][k]: least time of layers index..count-1 with layer index in mode m and k checkpointed after it.
     best = {}
     last = count - 1
-    for mode in allowed(layers[last]):
+    for mode in allowed(last):
         seconds, _ = model.seconds(last, mode, None, 0)
         best[(mode, 0)] = shifted(
             torch.full((capacity + 1,), seconds, dtype=torch.float64), units_of(model.held(last, mode, None))
@@ -476,9 +657,9 @@ def _knapsack(model: _Model, capacity_bytes: int, offloads: bool) -> tuple[Mode,
         current: dict[tuple[Mode, int], torch.Tensor] = {}
         pointers: dict[tuple[Mode, int], torch.Tensor] = {}
         options = list(best.items())
-        for mode in allowed(layers[index]):
+        for mode in allowed(index):
             for option, ((next_mode, after_next), costs) in enumerate(options):
-                after = min(after_next + (1 if next_mode.recomputes else 0), model.depth + 1)
+                after = min(after_next + (1 if next_mode.links else 0), model.depth + 1)
                 seconds, _ = model.seconds(index, mode, next_mode, after)
                 candidate = shifted(costs, units_of(model.held(index, mode, next_mode))) + seconds
                 key = (mode, after)

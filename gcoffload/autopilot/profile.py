@@ -22,7 +22,11 @@ by the storages it would hold:
   several layers share: ids into :attr:`Profile.arguments`. A checkpoint
   saves all of them; a kept layer those in ``saved_arguments``. Only
   arguments made during the pass count (the profile step drops those still
-  alive when the next pass begins: the model or the caller holds them).
+  alive when the next pass begins: the model or the caller holds them);
+* what swap mode would do with the storages the layer saves
+  (``swap_bytes`` travel to host memory, counted by the swap region's own
+  rules; ``swap_resident_bytes`` of its own storages stay on the device, and
+  whether its input and output travel).
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ class LayerProfile:
         largest_saved_bytes: its largest saved storage, input and output
             included: the gradient buffer its backward pass allocates for it
             (Note [The memory model] in planner.py).
+        swap_bytes: bytes swap mode sends to host memory (the spans of the
+            saved storages that may travel, input and output included).
+        swap_resident_bytes: bytes of its own saved storages swap mode leaves
+            on the device (not floating point, too small), input, output and
+            arguments aside.
+        input_swapped, output_swapped: whether swap mode sends its input,
+            its output, to host memory (if it saves them).
+        first_needed_swap_bytes: bytes of the storage swap mode sends last,
+            which backward needs first.
     """
 
     index: int
@@ -72,6 +85,11 @@ class LayerProfile:
     arguments: tuple[int, ...] = ()
     saved_arguments: tuple[int, ...] = ()
     largest_saved_bytes: int = 0
+    swap_bytes: int = 0
+    swap_resident_bytes: int = 0
+    input_swapped: bool = False
+    output_swapped: bool = False
+    first_needed_swap_bytes: int = 0
 
     @classmethod
     def plain(cls, index: int, input_bytes: int = 0, output_bytes: int = 0) -> LayerProfile:
@@ -161,6 +179,9 @@ class Profile:
                 input_bytes=scale(layer.input_bytes),
                 output_bytes=scale(layer.output_bytes),
                 largest_saved_bytes=scale(layer.largest_saved_bytes),
+                swap_bytes=scale(layer.swap_bytes),
+                swap_resident_bytes=scale(layer.swap_resident_bytes),
+                first_needed_swap_bytes=scale(layer.first_needed_swap_bytes),
                 forward_seconds=layer.forward_seconds * factor,
             )
             for layer in self.layers

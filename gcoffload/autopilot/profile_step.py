@@ -9,6 +9,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..checkpointing.layer_call import LayerCall
+from ..checkpointing.options import DEFAULT_MIN_OFFLOAD_BYTES
 from .measure import BackwardClock, LayerMeter
 from .profile import CopyProfile, LayerProfile, Profile
 
@@ -23,10 +24,19 @@ class ProfileStep:
         tokens: tokens per step it runs at.
         budget: the memory budget in bytes when it began.
         layer_count: layers in the stack.
+        min_offload_bytes: the threshold under which swap leaves a storage on the device.
     """
 
-    def __init__(self, bucket: int, tokens: int, budget: int, layer_count: int) -> None:
+    def __init__(
+        self,
+        bucket: int,
+        tokens: int,
+        budget: int,
+        layer_count: int,
+        min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES,
+    ) -> None:
         self.bucket = bucket
+        self.min_offload_bytes = min_offload_bytes
         self.tokens = tokens
         self.budget = budget
         self.layer_count = layer_count
@@ -56,7 +66,7 @@ class ProfileStep:
             and not previous.expired()
             and previous.cdata == StorageWeakRef(hidden.untyped_storage()).cdata
         )
-        meter = LayerMeter(call)
+        meter = LayerMeter(call, self.min_offload_bytes)
         for key, argument in meter.arguments.items():
             if key not in self._argument_ids:
                 self._argument_ids[key] = len(self._arguments)

@@ -109,6 +109,7 @@ def memory_of_step(
     ``held_after_forward_bytes`` is read once the copy engine has drained, so
     offloaded inputs count as gone; ``peak_bytes`` covers the whole step.
     """
+    get_engine(device).synchronize()  # and lets go of the sources of the last step's finished copies
     synchronize(device)
     reset_peak(device)
     before = allocated_bytes(device)
@@ -190,6 +191,8 @@ def format_value(value: Any, kind: str) -> str:
         return f"{100 * value:.0f}%"
     if kind == "gib":
         return f"{value / GIB:.2f}"
+    if kind == "mib":
+        return f"{value / MIB:.2f}"
     if kind == "gbps":
         return f"{value:.1f}"
     if kind == "bytes":

@@ -5,8 +5,10 @@ stacks (as many layers as plain checkpointing fits in free memory, up to the
 model's 16 and 32) at 1x4096, 4x2048 and 1x16384 tokens under every strategy;
 a transformers Llama step; the memory-budget autopilot at three budgets on the
 Llama-1B-like stack at 4x2048 tokens against all-checkpoint and all-offload;
-the host cost per checkpointed layer against torch.utils.checkpoint (always on
-the CPU, where it is all there is to measure).
+swap on the same stack at the least memory (all-checkpoint, all-offload, the
+autopilot without and with swap, all-swap); the host cost per checkpointed
+layer against torch.utils.checkpoint (always on the CPU, where it is all there
+is to measure).
 
 Without a GPU: a small smoke run of the same code and every scenario on the
 CPU, whose timings say nothing about GPU performance (about 20 s on 2 idle
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..engine import get_engine
-from . import autopilot, common, copy_bandwidth, hf_step, host_cost, noise, plots, stack_overlap
+from . import autopilot, common, copy_bandwidth, hf_step, host_cost, noise, plots, stack_overlap, swap
 from .decoder import LLAMA_1B, LLAMA_8B, SMOKE
 from .stack_overlap import StackConfig
 from .strategies import STRATEGIES
@@ -102,7 +104,7 @@ CPU_FULL_SUITE = Suite(
     steps=5,
 )
 SUITES = (GPU_SUITE, SMOKE_SUITE, CPU_FULL_SUITE)
-SCENARIOS = ("copy", "stack", "hf", "autopilot", "host")
+SCENARIOS = ("copy", "stack", "hf", "autopilot", "swap", "host")
 CPU_NOTE = (
     "{title}: no GPU was found, so a small configuration ran on the CPU (one torch thread), where every "
     "copy is a synchronous memcpy. Its timings check that the suite works; they say nothing about GPU "
@@ -170,7 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCENARIOS,
         help="what to run: copy (pinned copy bandwidth), stack (a Llama-shaped stack under every "
         "strategy), hf (a transformers Llama step), autopilot (the memory-budget autopilot at three "
-        "budgets), host (host cost per checkpointed layer on the CPU); default: all, hf where "
+        "budgets), swap (swap against checkpointing and offloading at the least memory), host (host "
+        "cost per checkpointed layer on the CPU); default: all, hf where "
         "transformers and peft are installed",
     )
     parser.add_argument(
@@ -261,6 +264,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     total = (len(suite.copy_sizes) if "copy" in scenarios else 0) + len(stacks) * len(STRATEGIES)
     total += 2 * len(hf_step.STRATEGIES) if run_hf else 0
     total += autopilot.RUNS if "autopilot" in scenarios else 0
+    total += 1 + len(swap.RUNS) if "swap" in scenarios else 0
     total += host_cost.PHASES if "host" in scenarios else 0
     progress = common.Progress(total + 1)  # and writing the results
     results: dict[str, Any] = {"environment": None, "suite": suite.name}
@@ -309,6 +313,9 @@ def _run(
     if "autopilot" in scenarios:
         fitted = suite.autopilot.fitted(suite.dtype, common.free_bytes(device))
         results["autopilot"] = autopilot.run(fitted, device, suite.dtype, warmup, steps, advance)
+    if "swap" in scenarios:
+        fitted = suite.autopilot.fitted(suite.dtype, common.free_bytes(device))
+        results["swap"] = swap.run(fitted, device, suite.dtype, warmup, steps, advance)
     if "host" in scenarios:
         results["host_cost"] = host_cost.run(suite.host_steps, suite.host_layers, advance)
 
@@ -322,6 +329,8 @@ def _noisy_measurements(results: dict[str, Any]) -> list[str]:
     hf_rows = results.get("hf_step", {}).get("rows", [])
     measured += [(f"transformers {row['mode']} {row['strategy']}", row) for row in hf_rows]
     measured += [(f"autopilot {row['run']}", row) for row in results.get("autopilot", {}).get("runs", [])]
+    for bus in results.get("swap", {}).get("buses", []):
+        measured += [(f"swap {row['run']}", row) for row in bus["runs"]]
     measured += [(f"host cost {row['variant']}", row) for row in results.get("host_cost", {}).get("rows", [])]
     return [f"{where}: {row['noisy']}" for where, row in measured if row.get("noisy")]
 
@@ -358,6 +367,8 @@ def _summary(results: dict[str, Any]) -> str:
         parts += ["", hf_step.report(hf) if "rows" in hf else f"transformers step skipped: {hf['skipped']}"]
     if "autopilot" in results:
         parts += ["", autopilot.report(results["autopilot"])]
+    if "swap" in results:
+        parts += ["", swap.report(results["swap"])]
     if "host_cost" in results:
         parts += ["", host_cost.report(results["host_cost"])]
     return "\n".join(parts)

@@ -24,7 +24,15 @@ from .trace import MetaModel, ModelTrace
 
 __all__ = ["TraceCurve"]
 
-_LAYER_COUNTS = ("own_bytes", "input_bytes", "output_bytes", "largest_saved_bytes")
+_LAYER_COUNTS = (
+    "own_bytes",
+    "input_bytes",
+    "output_bytes",
+    "largest_saved_bytes",
+    "swap_bytes",
+    "swap_resident_bytes",
+    "first_needed_swap_bytes",
+)
 _TRACE_COUNTS = ("other_flops", "other_bytes", "largest_other_bytes", "returned_bytes")
 
 

@@ -279,7 +279,7 @@ class _Estimator:
         kept = predict(profile, self._modes(profile, Strategy.NONE))
         budget -= max(0, trace.head_working_set_bytes - (kept.peak_bytes - kept.held_bytes))
         try:
-            return fastest_plan(profile, max(budget, 0))
+            return fastest_plan(profile, max(budget, 0), swap=False)  # swap is not sized yet
         except ValueError:  # not even the least memory fits: it does not fit at all
             return least_memory(profile)
 

@@ -208,7 +208,13 @@ class MetaModel:
         """
         options = options or OffloadOptions()
         ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-        step = ProfileStep(bucket=0, tokens=batch * seq, budget=0, layer_count=len(self.layers))
+        step = ProfileStep(
+            bucket=0,
+            tokens=batch * seq,
+            budget=0,
+            layer_count=len(self.layers),
+            min_offload_bytes=options.min_offload_bytes,
+        )
         flops = FlopCounterMode(display=False, custom_mapping={_FUSED: _fused_attention_flops})
         recorder = _Recorder(self.module, flops, ids)
         try:

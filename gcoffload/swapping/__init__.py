@@ -91,12 +91,15 @@ def swap_activations(
     region.close()
 
 
-def run_swapped(call: LayerCall, options: OffloadOptions) -> Any:
+def run_swapped(call: LayerCall, options: OffloadOptions, *, prefetched: bool = True) -> Any:
     """Runs a layer call in swap mode: not checkpointed, its saved activations parked in host memory.
 
     The region closes when the layer returns, so each storage it saved
     travels once with every view of it known. ``options`` give the prefetch
-    depth (in layers, counting checkpointed ones) and the threshold.
+    depth (in units of the forward chain: swapped and checkpointed layers) and
+    the threshold. ``prefetched``: whether the layers after it prefetch its
+    activations, or its own backward pass does (Note [When swapped storages
+    come back] in swapped_storage.py).
     """
     hidden = call.hidden
     if hidden is not None:
@@ -110,6 +113,7 @@ def run_swapped(call: LayerCall, options: OffloadOptions) -> Any:
         prefetch_depth=options.prefetch_depth,
         min_offload_bytes=options.min_offload_bytes,
         held_anyway=(*owned, *(leaf for leaf in call.leaves if leaf is not hidden)),
+        prefetched=prefetched,
     )
     push_hooks(region.pack, region.unpack)
     try:

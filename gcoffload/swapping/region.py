@@ -41,13 +41,13 @@ __all__ = ["SwapRegion", "swappable"]
 
 
 def swappable(tensor: torch.Tensor) -> bool:
-    """Whether a saved ``tensor`` may be swapped: dense floating-point data, not a parameter or a view of one."""
+    """Whether a saved ``tensor`` may be swapped: dense floating-point data, not a parameter or its view."""
     return (
         tensor.is_floating_point()
-        and can_save(tensor)
         and type(tensor) is torch.Tensor
+        and tensor.layout is torch.strided
+        and not tensor.is_nested
         and not isinstance(tensor._base, torch.nn.Parameter)
-        and tensor.device.type != "meta"
     )
 
 
@@ -62,6 +62,10 @@ class SwapRegion:
         keep_pending: offload a storage once this many newer ones were saved;
             None: when the region closes.
         held_anyway: tensors whose storages are never swapped (Note [What a region never swaps]).
+        prefetched: whether the units after a group prefetch it, or only its own
+            backward pass does (Note [When swapped storages come back]).
+        sizing: only count what would travel (:meth:`travelling`), meta tensors
+            included; nothing is offloaded (the autopilot's profile, the capacity planner).
     """
 
     def __init__(
@@ -72,8 +76,12 @@ class SwapRegion:
         min_offload_bytes: int,
         keep_pending: int | None = None,
         held_anyway: Iterable[torch.Tensor] = (),
+        prefetched: bool = True,
+        sizing: bool = False,
     ) -> None:
         self.layer = layer
+        self.prefetched = prefetched
+        self.sizing = sizing
         self.prefetch_depth = prefetch_depth
         self.min_offload_bytes = min_offload_bytes
         self.keep_pending = keep_pending
@@ -90,7 +98,7 @@ class SwapRegion:
         self.swapped_bytes = 0
 
     def pack(self, tensor: torch.Tensor) -> SwappedView | SavedTensor:
-        if not swappable(tensor) or capturing(tensor.device):
+        if not swappable(tensor) or not (self.sizing or (can_save(tensor) and not capturing(tensor.device))):
             return SavedTensor(tensor, self.layer)
         storage = tensor.untyped_storage()
         key = storage._cdata
@@ -115,6 +123,12 @@ class SwapRegion:
     @staticmethod
     def unpack(packed: SwappedView | SavedTensor) -> torch.Tensor:
         return packed.unpack()
+
+    def travelling(self) -> dict[int, int]:
+        """Sizing: the bytes each storage that would travel moves, by storage key; then forgets them."""
+        pending, self._pending = self._pending, {}
+        floor = max(self.min_offload_bytes, 1)
+        return {key: swapped.nbytes for key, swapped in pending.items() if swapped.nbytes >= floor}
 
     def close(self) -> None:
         """Offloads every storage still pending, as one group."""
@@ -156,7 +170,7 @@ class SwapRegion:
                 by_device.setdefault(swapped.device, []).append(swapped)
         for device, moving in by_device.items():
             counts = counters.of(device)
-            group = SwappedGroup(moving, device, self.prefetch_depth, counts)
+            group = SwappedGroup(moving, device, self.prefetch_depth, counts, prefetched=self.prefetched)
             link(chain_of(device), group)
             self._groups.append(weakref.ref(group))
             engine = get_engine(device)

@@ -69,7 +69,18 @@ class SwappedView:
         layer: the swapped callable, named in errors.
     """
 
-    __slots__ = ("__weakref__", "dtype", "layer", "offset", "size", "storage", "stride", "tensor", "version", "watch")
+    __slots__ = (
+        "__weakref__",
+        "dtype",
+        "layer",
+        "offset",
+        "size",
+        "storage",
+        "stride",
+        "tensor",
+        "version",
+        "watch",
+    )
 
     def __init__(self, storage: SwappedStorage, tensor: torch.Tensor, layer: object) -> None:
         self.storage = storage
@@ -134,7 +145,18 @@ class SwappedStorage:
         device: its device.
     """
 
-    __slots__ = ("__weakref__", "device", "end", "engine", "fetched", "group", "handle", "start", "storage", "views")
+    __slots__ = (
+        "__weakref__",
+        "device",
+        "end",
+        "engine",
+        "fetched",
+        "group",
+        "handle",
+        "start",
+        "storage",
+        "views",
+    )
 
     def __init__(self, storage: torch.UntypedStorage, device: torch.device) -> None:
         self.storage: torch.UntypedStorage | None = storage
@@ -202,6 +224,11 @@ class SwappedStorage:
     def fetch(self) -> tuple[torch.UntypedStorage, int]:
         """The span back on the device (fetched once, then reused), and its start in the old storage."""
         if self.fetched is None:
+            if self.handle is None:
+                raise RuntimeError(
+                    "gcoffload: this swapped layer's saved activations were already released (the layer "
+                    "raised); run the forward pass again before backward"
+                )
             group = self.group
             group.unpacking()
             if capturing(self.device):
@@ -232,13 +259,32 @@ class SwappedGroup:
         device: their device.
         prefetch_depth: units before this one to prefetch when backward reaches it.
         counts: the device's layer counters.
+        prefetched: whether the units after it prefetch it (else its own backward pass does).
     """
 
-    __slots__ = ("__weakref__", "counts", "device", "ends_step", "prefetch_depth", "previous", "started", "step_ended", "storages")
+    __slots__ = (
+        "__weakref__",
+        "counts",
+        "device",
+        "ends_step",
+        "prefetch_depth",
+        "prefetched",
+        "previous",
+        "started",
+        "step_ended",
+        "storages",
+    )
 
     def __init__(
-        self, storages: list[SwappedStorage], device: torch.device, prefetch_depth: int, counts: Counter[str]
+        self,
+        storages: list[SwappedStorage],
+        device: torch.device,
+        prefetch_depth: int,
+        counts: Counter[str],
+        *,
+        prefetched: bool = True,
     ) -> None:
+        self.prefetched = prefetched
         self.storages = [weakref.ref(storage) for storage in storages]
         self.device = device
         self.prefetch_depth = prefetch_depth
@@ -249,6 +295,11 @@ class SwappedGroup:
         self.step_ended = False
 
     def prefetch(self) -> None:
+        """A later unit's backward pass asks for the group: copies it back if the group is prefetched."""
+        if self.prefetched:
+            self._copy_back()
+
+    def _copy_back(self) -> None:
         """Starts copying every storage of the group back, last saved first (the order backward needs)."""
         for reference in reversed(self.storages):
             storage = reference()
@@ -264,7 +315,7 @@ class SwappedGroup:
         if not capturing(self.device):
             for earlier in predecessors(self, self.prefetch_depth):
                 earlier.prefetch()
-            self.prefetch()
+            self._copy_back()
 
     def release(self) -> None:
         for reference in self.storages:

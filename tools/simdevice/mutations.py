@@ -5,9 +5,10 @@ pool taken out (a stream wait, or a wait for a fence before memory is reused).
 For each one the script copies ``gcoffload/`` and ``csrc/`` into a temporary
 directory (the layout of a source checkout, so the copy builds its extension
 from its own patched ``csrc``), applies one exact text edit, builds the
-extension, and runs the stream-ordering tests on the simulated device with the
-copy first on ``PYTHONPATH``. Every mutant must make a test fail (or crash, or
-hang past the timeout). The unmutated code runs first with the same tests and
+extension, and runs the stream-ordering tests on the simulated device (the
+engine's, and swap's, whose storages travel through the same orderings) with
+the copy first on ``PYTHONPATH``. Every mutant must make a test fail (or crash,
+or hang past the timeout). The unmutated code runs first with the same tests and
 must pass.
 
 Run from the repository root (Python 3.11+, for ``python -P``):
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TEST_SELECTION = "tests/test_stream_ordering.py tests/test_engine.py -m simdev"
+TEST_SELECTION = "tests/test_stream_ordering.py tests/test_engine.py tests/test_swap.py -m simdev"
 TIMEOUT_S = 900  # per build and per test run; a test run killed at it counts as caught (hung)
 SHOWN_FAILURES = 3
 OUTPUT_TAIL_LINES = 40
