@@ -39,7 +39,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--kernel-us", type=float, default=400.0, help="time of every kernel (default: %(default)s)"
+        "--kernel-us", type=float, default=800.0, help="time of every kernel (default: %(default)s)"
     )
     parser.add_argument(
         "--bus",
@@ -50,7 +50,7 @@ def main() -> None:
         "layer's swapped activations over its forward time (default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=common.positive_int, default=5, help="timed steps per run (default: %(default)s)"
+        "--steps", type=common.positive_int, default=7, help="timed steps per run (default: %(default)s)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output directory")
     args = parser.parse_args()

@@ -8,7 +8,7 @@
 #                                    the transformers step
 #   bash benchmarks/gpu_check.sh b   Llama-8B-like stacks at 1x4096 and 4x2048, the autopilot
 #                                    at three budgets and the host cost per layer
-#   bash benchmarks/gpu_check.sh c   the Llama-8B-like stack at 1x16384
+#   bash benchmarks/gpu_check.sh c   the Llama-8B-like stack at 1x16384, swap at the least memory
 #
 # Run from the repository root, with the torch of the machine (no install needed:
 # the package is imported from the checkout and builds its extension on first use,
@@ -78,6 +78,7 @@ case "$part" in
     ;;
   c)
     bench stacks-8b-long 380 --scenarios stack --shapes llama-8b-like --tokens 1x16384
+    bench swap 80 --scenarios swap --warmup 3 --steps 5
     ;;
   *)
     echo "usage: $0 a|b|c" >&2

@@ -5,7 +5,7 @@ For each config and length, the decoder layers are traced on the meta device
 forward time is its FLOPs at ``--mfu`` of the GPU's dense BF16 peak, and the
 copies run at the given link bandwidths (one way; both ways at once 1.74x, the
 ratio of the project's PCIe 5 reference figures). The planner then gives, at
-the least-memory budget (every input offloaded) and with room to spare, the
+the least-memory budget (every input offloaded) and ``--room`` GiB above it, the
 predicted step time of the decoder layers under plain checkpointing, every
 input offloaded, and the autopilot with swap, and which layers swap. Nothing
 here ran on a GPU: the times are estimates, the bytes are exact.
@@ -37,7 +37,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b", "qwen3-8b"])
-    parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384, 65536, 131072])
+    parser.add_argument("--room", type=float, default=2.0, help="GiB over the least memory (default: 2)")
+    parser.add_argument(
+        "--host",
+        type=float,
+        default=128.0,
+        help="pinned host GiB per GPU (default: 128, an 8-GPU node's "
+        "2 TiB halved, gcoffload's default share)",
+    )
     parser.add_argument("--mfu", type=float, default=0.4)
     args = parser.parse_args()
     gpu = GPUS["H100 80GB"]
@@ -50,9 +58,9 @@ def main() -> None:
     print(
         "| model | tokens | link | swap MiB/layer | input MiB | fwd ms/layer | copy/fwd | "
         "checkpoint ms | offload ms | autopilot ms (least memory) | vs ckpt | "
-        "autopilot ms (+2 layers) | vs ckpt |"
+        f"autopilot ms (+{args.room:g} GiB, host ≤ {args.host:g} GiB) | host GiB | vs ckpt |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = MetaModel(load_config(str(CONFIGS / f"{name}.json")), torch.bfloat16, "sdpa")
         for tokens in args.tokens:
@@ -69,7 +77,7 @@ def main() -> None:
                 least = least_memory(profile)
                 tight = fastest_plan(profile, least.peak_bytes)
                 roomy = fastest_plan(
-                    profile, least.peak_bytes + 2 * max(layer.saved_bytes for layer in layers)
+                    profile, least.peak_bytes + int(args.room * 2**30), host_budget=int(args.host * 2**30)
                 )
                 swapped = sum(layer.swap_bytes for layer in layers) / count
                 forward = sum(layer.forward_seconds for layer in layers) / count
@@ -80,7 +88,7 @@ def main() -> None:
                     f"| {forward * 1e3:.2f} | {ratio:.2f} | {checkpoint.step_seconds * 1e3:.0f} "
                     f"| {least.step_seconds * 1e3:.0f} | {tight.step_seconds * 1e3:.0f} "
                     f"({_modes(tight)}) | {tight.step_seconds / checkpoint.step_seconds:.2f} "
-                    f"| {roomy.step_seconds * 1e3:.0f} ({_modes(roomy)}) "
+                    f"| {roomy.step_seconds * 1e3:.0f} ({_modes(roomy)}) | {roomy.host_bytes / 2**30:.0f} "
                     f"| {roomy.step_seconds / checkpoint.step_seconds:.2f} |"
                 )
 

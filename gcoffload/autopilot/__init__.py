@@ -1,4 +1,4 @@
-"""The memory-budget autopilot: keep, checkpoint or offload each layer, for the fastest step that fits.
+"""The memory-budget autopilot: keep, swap, checkpoint or offload each layer, for the fastest step that fits.
 
 * :mod:`.autopilot`: :class:`Autopilot`, which runs each layer call as its plan says.
 * :mod:`.passes`, :mod:`.mode_options`, :mod:`.plan_cache`: where a pass begins, what each

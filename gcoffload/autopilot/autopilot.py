@@ -1,9 +1,10 @@
-"""The memory-budget autopilot: runs each layer call kept, checkpointed or offloaded, as its plan says.
+"""The memory-budget autopilot: runs each layer call kept, swapped, checkpointed or offloaded, as planned.
 
 Given ``memory_budget=`` (:func:`gcoffload.wrap_layers`, :func:`gcoffload.patch_model`),
 the checkpointer hands each layer call to :meth:`Autopilot.run`, which runs it
-kept (plainly, all activations saved), checkpointed with the input on the
-device, or checkpointed with the input offloaded. Its very first pass runs
+kept (plainly, all activations saved), swapped (:mod:`gcoffload.swapping`),
+checkpointed with the input on the device, or checkpointed with the input
+offloaded. Its very first pass runs
 every layer checkpointed and offloaded, unmeasured: it pays the one-time
 costs of a model's first step (kernel loading, the caching allocator's
 growth, the backward engine's threads), which would skew a profile. After it,
@@ -62,7 +63,7 @@ Checkpoint = Callable[[LayerCall, OffloadOptions], Any]
 
 
 class Autopilot:
-    """Runs each layer call kept, checkpointed or offloaded, from a plan per shape bucket.
+    """Runs each layer call kept, swapped, checkpointed or offloaded, from a plan per shape bucket.
 
     Args:
         memory_budget: what :meth:`~gcoffload.autopilot.budget.MemoryBudget.parse` reads.

@@ -117,7 +117,7 @@ def patch_model(
             passes in ``gradient_checkpointing_kwargs`` wins.
         every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
         memory_budget: turns on the autopilot (see :func:`gcoffload.wrap_layers`):
-            per decoder layer, keep, checkpoint or offload, for the fastest
+            per decoder layer, keep, swap, checkpoint or offload, for the fastest
             step whose activations fit the budget (bytes, ``"20GiB"``, a
             fraction of device memory, or ``"auto"``: free device memory minus
             10% and the model's gradients still to come, read at every

@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-budget",
         type=_memory_budget,
-        help="turn on the autopilot: keep, checkpoint or offload each layer, for the fastest step whose "
-        "activations fit: bytes, a size such as 20GiB, a fraction of GPU memory such as 0.5, or auto",
+        help="turn on the autopilot: keep, swap, checkpoint or offload each layer, for the fastest step "
+        "whose activations fit: bytes, a size such as 20GiB, a fraction of GPU memory such as 0.5, or auto",
     )
     parser.add_argument("command", choices=["train"], help="LLaMA-Factory's command")
     parser.add_argument("config", help="LLaMA-Factory's config file (.yaml)")

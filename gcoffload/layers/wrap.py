@@ -97,8 +97,8 @@ def wrap_layers(
         every_n_layers: checkpoint layers ``0, n, 2n, ...`` only.
         use_reentrant: autograd-Function path (True) or saved-tensor hooks (False, the default).
         memory_budget: turns on the autopilot, which picks per layer whether
-            to keep its activations, checkpoint it, or checkpoint and offload
-            its input, for the fastest step whose activations fit: bytes, a
+            to keep its activations, swap them, checkpoint it, or checkpoint
+            and offload its input, for the fastest step whose activations fit: bytes, a
             size such as ``"20GiB"``, a fraction of the device's memory such as
             ``0.5``, or ``"auto"`` (free device memory minus 10% and the
             stack's gradients still to come, read at every pass). The first
