@@ -13,6 +13,7 @@ from held_memory import LiveStorages
 
 import gcoffload
 from gcoffload.__main__ import main
+from gcoffload.autopilot.planner import Mode
 from gcoffload.sizing.curve import TraceCurve
 from gcoffload.sizing.estimate import Strategy, capacity
 from gcoffload.sizing.model_source import load_config
@@ -250,6 +251,23 @@ def test_the_autopilot_fits_and_is_never_slower_than_offload_or_checkpointing():
             if fits[other].fits:
                 assert pilot.step_seconds <= fits[other].step_seconds
     assert not answer.at(12288)[Strategy.AUTOPILOT].fits
+
+
+def test_the_autopilot_swaps_where_the_link_has_room_and_within_the_host_memory():
+    config = load_config(CONFIGS / "llama-3.1-8b.json")
+    roomy = capacity(config, [4096], lora_rank=None, link_bytes_per_second=350e9)
+    pilot = roomy.at(4096)[Strategy.AUTOPILOT]
+    modes = pilot.plan.modes
+    assert modes.count(Mode.SWAP) >= len(modes) // 2, pilot.plan.summary()
+    assert pilot.host_bytes == pilot.plan.host_bytes > 0
+    offload = roomy.at(4096)[Strategy.OFFLOAD]
+    assert pilot.step_seconds < 0.9 * offload.step_seconds  # no recompute on the swapped layers
+    capped = capacity(config, [4096], lora_rank=None, link_bytes_per_second=350e9, host_memory="4GiB")
+    capped_pilot = capped.at(4096)[Strategy.AUTOPILOT]
+    assert capped_pilot.fits and capped_pilot.host_bytes <= 4 * 2**30
+    assert capped_pilot.plan.modes.count(Mode.SWAP) < modes.count(Mode.SWAP)
+    slow = capacity(config, [4096], lora_rank=None).at(4096)[Strategy.AUTOPILOT]  # the H100's PCIe 5
+    assert Mode.SWAP not in slow.plan.modes
 
 
 def test_lora_counts_its_adapters_in_float32_with_their_gradients_and_adamw_states():

@@ -98,7 +98,16 @@ import torch
 
 from .profile import LayerProfile, Profile
 
-__all__ = ["LayerPlan", "Mode", "Plan", "fastest_plan", "least_memory", "predict"]
+__all__ = [
+    "LayerPlan",
+    "Mode",
+    "Plan",
+    "fastest_plan",
+    "holds_own_input",
+    "keeps_output",
+    "least_memory",
+    "predict",
+]
 
 _RESOLUTION = 8192
 
@@ -204,7 +213,8 @@ class Plan:
         return "\n".join(rows)
 
 
-def _holds_own_input(layer: LayerProfile, mode: Mode | None) -> bool:
+def holds_own_input(layer: LayerProfile, mode: Mode | None) -> bool:
+    """Whether ``layer`` in ``mode`` holds its input on the device after the forward pass."""
     return (
         mode is Mode.CHECKPOINT
         or (mode is Mode.KEEP and layer.saves_input)
@@ -212,7 +222,8 @@ def _holds_own_input(layer: LayerProfile, mode: Mode | None) -> bool:
     )
 
 
-def _keeps_output(layer: LayerProfile, mode: Mode) -> bool:
+def keeps_output(layer: LayerProfile, mode: Mode) -> bool:
+    """Whether ``layer`` in ``mode`` holds its output on the device after the forward pass."""
     return layer.saves_output and (mode is Mode.KEEP or (mode is Mode.SWAP and not layer.output_swapped))
 
 
@@ -292,15 +303,15 @@ class _Model:
         """The bytes Note [The memory model] attributes to layer ``index``'s row."""
         layer = self.layers[index]
         held = layer.own_bytes if mode is Mode.KEEP else layer.swap_resident_bytes if mode is Mode.SWAP else 0
-        if index == 0 and _holds_own_input(layer, mode):
+        if index == 0 and holds_own_input(layer, mode):
             held += layer.input_bytes
-        keeps_output = _keeps_output(layer, mode)
+        holds_output = keeps_output(layer, mode)
         after = self.layers[index + 1] if next_mode is not None else None
         if after is None or not after.input_is_previous_output:
-            held += layer.output_bytes if keeps_output else 0
+            held += layer.output_bytes if holds_output else 0
         if after is not None:
-            shared = keeps_output and after.input_is_previous_output
-            if shared or _holds_own_input(after, next_mode):
+            shared = holds_output and after.input_is_previous_output
+            if shared or holds_own_input(after, next_mode):
                 held += after.input_bytes
         return held
 

@@ -4,7 +4,9 @@ Note [What the capacity numbers rest on]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 *Exact* (traced, Note [Tracing on the meta device] in trace.py): the bytes
 autograd holds on the device after the forward pass (``activation_bytes``),
-and the host bytes of the offloaded inputs. The decoder layers are counted
+and the host bytes of the offloaded inputs and swapped activations (a
+storage under ``min_offload_bytes`` at the traced lengths that grows past it
+at a longer one, found by no trace, is counted on the device, not the host). The decoder layers are counted
 by the autopilot's own memory model (Note [The memory model] in
 planner.py), the rest of the model (embedding, final norm, head and loss) as
 traced, storages shared across the boundary once.
@@ -18,7 +20,7 @@ positional tensor arguments, the hidden states of every layer, while the
 keyword ones (masks, rotary tables) stay on the device, as gcoffload's offload
 of every input does; its copies run on the compute stream, so the time model
 charges all of them. The autopilot's plan is the fastest whose estimated
-peak fits.
+peak fits, with its swaps within the host memory given.
 
 *Estimated*:
 
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 
 from ..autopilot.budget import parse_size
-from ..autopilot.planner import Mode, Plan, fastest_plan, least_memory, predict
+from ..autopilot.planner import Mode, Plan, fastest_plan, holds_own_input, keeps_output, least_memory, predict
 from ..checkpointing.options import OffloadOptions
 from .curve import TraceCurve
 from .hardware import Gpu, resolve_gpu
@@ -86,7 +88,7 @@ _DESCRIPTIONS = {
     Strategy.CHECKPOINT: "torch checkpointing of every layer (transformers' gradient checkpointing)",
     Strategy.SAVE_ON_CPU: "transformers' offload=True: inputs to host memory on the compute stream",
     Strategy.OFFLOAD: "gcoffload's default: inputs in pinned host memory (the last stays), side streams",
-    Strategy.AUTOPILOT: "gcoffload's autopilot: keep, checkpoint or offload per layer, fastest that fits",
+    Strategy.AUTOPILOT: "gcoffload's autopilot: keep, swap, checkpoint or offload each layer, to fit",
 }
 
 
@@ -244,10 +246,7 @@ class _Estimator:
         held = self._activations(trace, plan)
         working_set = max(plan.peak_bytes - plan.held_bytes, trace.head_working_set_bytes)
         peak = self.weights.total_bytes + held + trace.returned_bytes + working_set
-        layers = trace.profile.layers
-        host = sum(
-            layer.input_bytes for layer, mode in zip(layers, plan.modes, strict=True) if mode is Mode.OFFLOAD
-        )
+        host = plan.host_bytes
         seconds = plan.step_seconds + 3 * trace.other_flops / self.flops_per_second
         fits = peak <= self.usable and (self.host is None or host <= self.host)
         return StrategyFit(strategy, trace.seq, held, peak, host, seconds, fits, plan)
@@ -279,7 +278,7 @@ class _Estimator:
         kept = predict(profile, self._modes(profile, Strategy.NONE))
         budget -= max(0, trace.head_working_set_bytes - (kept.peak_bytes - kept.held_bytes))
         try:
-            return fastest_plan(profile, max(budget, 0), swap=False)  # swap is not sized yet
+            return fastest_plan(profile, max(budget, 0), host_budget=self.host)
         except ValueError:  # not even the least memory fits: it does not fit at all
             return least_memory(profile)
 
@@ -288,12 +287,9 @@ class _Estimator:
         """The plan's held bytes, the rest of the model's, and the storages both save once."""
         layers = trace.profile.layers
         held = plan.held_bytes + trace.other_bytes
-        first, last = plan.modes[0], plan.modes[-1]
-        holds_input = first is Mode.CHECKPOINT or (first is Mode.KEEP and layers[0].saves_input)
-        if trace.other_saves_stack_input and not holds_input:
+        if trace.other_saves_stack_input and not holds_own_input(layers[0], plan.modes[0]):
             held += layers[0].input_bytes
-        holds_output = last is Mode.KEEP and layers[-1].saves_output
-        if trace.other_saves_stack_output and not holds_output:
+        if trace.other_saves_stack_output and not keeps_output(layers[-1], plan.modes[-1]):
             held += layers[-1].output_bytes
         return held
 
