@@ -21,7 +21,8 @@ import torch
 
 from ..autopilot.planner import predict
 from ..checkpointing.options import OffloadOptions
-from ..layers.wrap import wrap_layers
+from ..engine import registry
+from ..layers.wrap import WrappedLayers, wrap_layers
 from . import common, noise
 from .decoder import build_stack, run_stack
 from .stack_overlap import StackConfig
@@ -63,7 +64,7 @@ def run(
     rows = []
     for name, options in BASELINES.items():
         advance(f"autopilot {config.label}: {name}")
-        rows.append(_measure(name, stack, step, inputs, output_grad, device, warmup, steps, options))
+        rows.append(measure_run(name, stack, step, inputs, output_grad, device, warmup, steps, options))
     free = common.free_bytes(device)
     for fraction in FRACTIONS:
         budget = int(least.peak_bytes + fraction * (most.peak_bytes - least.peak_bytes))
@@ -73,7 +74,9 @@ def run(
         advance(f"autopilot {config.label}: {name}")
         options = {"memory_budget": budget, "options": OffloadOptions(min_offload_bytes=0)}
         # Untimed: the first pass, the profile step, and the step that makes the final plan.
-        rows.append(_measure(name, stack, step, inputs, output_grad, device, max(warmup, 3), steps, options))
+        rows.append(
+            measure_run(name, stack, step, inputs, output_grad, device, max(warmup, 3), steps, options)
+        )
     noise.mark_implausible(rows, "run")  # the same stack, the same step: only the modes differ
     for row in rows:
         if row.get("peak_bytes") is not None:
@@ -94,7 +97,7 @@ def run(
     }
 
 
-def _measure(
+def measure_run(
     name: str,
     stack: torch.nn.ModuleList,
     step: Callable[[], None],
@@ -103,25 +106,33 @@ def _measure(
     device: torch.device,
     warmup: int,
     steps: int,
-    options: dict[str, Any],
+    wrap: dict[str, Any],
+    prepare: Callable[[WrappedLayers], None] | None = None,
 ) -> dict[str, Any]:
-    with wrap_layers(stack, **options) as wrapped:
+    """One run of ``stack`` wrapped with ``wrap`` (``wrap_layers``' keywords): step time, device memory
+    of a step, the host pool's peak, and the plan in force. ``prepare`` runs first, inside the wrap."""
+    with wrap_layers(stack, **wrap) as wrapped:
         try:
+            if prepare is not None:
+                prepare(wrapped)
             times = common.time_steps(step, device, warmup=warmup, steps=steps)
             stack.zero_grad(set_to_none=True)
             inputs.grad = None
+            registry.reset_pool_peaks()
             memory = common.memory_of_step(
                 device, lambda: run_stack(stack, inputs), lambda output: output.backward(output_grad)
             )
         except torch.OutOfMemoryError:
             stack.zero_grad(set_to_none=True)
             return {"run": name, "oom": True, "noisy": None}
+        host = registry.pool_stats().get(device.type, {}).get("peak_in_use_bytes")
         plan = wrapped.plan
     row: dict[str, Any] = {
         "run": name,
         "median_ms": statistics.median(times),
         "step_ms": common.spread(times),
         **memory,
+        "host_peak_bytes": host,
         "noisy": noise.diagnose(times, {}),
     }
     if plan is not None:

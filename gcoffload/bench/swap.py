@@ -27,9 +27,9 @@ from ..autopilot.plan_cache import bucket_tokens
 from ..autopilot.planner import fastest_plan, predict
 from ..autopilot.profile import Profile
 from ..checkpointing.options import OffloadOptions
-from ..engine import registry
 from ..layers.wrap import WrappedLayers, wrap_layers
 from . import common, noise
+from .autopilot import measure_run
 from .decoder import build_stack, run_stack
 from .stack_overlap import StackConfig
 
@@ -167,15 +167,16 @@ def _at_bus(
 
         prepare = pin_without_swap if name == "autopilot without swap" else None
         warm = max(warmup, 3) if "memory_budget" in wrap else warmup
-        rows.append(_measure(name, stack, step, inputs, output_grad, device, warm, steps, wrap, prepare))
+        rows.append(measure_run(name, stack, step, inputs, output_grad, device, warm, steps, wrap, prepare))
     noise.mark_implausible(rows, "run")
     gradient_bytes = sum(parameter.nbytes for parameter in stack.parameters() if parameter.requires_grad)
     for row in rows:
         if row.get("peak_bytes") is not None:
             row["peak_less_gradients_bytes"] = row["peak_bytes"] - gradient_bytes
-    checkpointed = next(row for row in rows if row["run"] == "checkpoint")["median_ms"]
+    checkpointed = next(row for row in rows if row["run"] == "checkpoint").get("median_ms")
     for row in rows:
-        row["vs_checkpoint"] = row["median_ms"] / checkpointed
+        if checkpointed and "median_ms" in row:
+            row["vs_checkpoint"] = row["median_ms"] / checkpointed
         if row["run"] == "swap":
             row.update(predicted_ms=all_swap.step_seconds * 1e3, predicted_peak_bytes=all_swap.peak_bytes)
     return {
@@ -186,48 +187,6 @@ def _at_bus(
         "forward_ms_per_layer": forward * 1e3,
         "runs": rows,
     }
-
-
-def _measure(
-    name: str,
-    stack: torch.nn.ModuleList,
-    step: Callable[[], None],
-    inputs: torch.Tensor,
-    output_grad: torch.Tensor,
-    device: torch.device,
-    warmup: int,
-    steps: int,
-    wrap: dict[str, Any],
-    prepare: Callable[[WrappedLayers], None] | None,
-) -> dict[str, Any]:
-    with wrap_layers(stack, **wrap) as wrapped:
-        if prepare is not None:
-            prepare(wrapped)
-        times = common.time_steps(step, device, warmup=warmup, steps=steps)
-        stack.zero_grad(set_to_none=True)
-        inputs.grad = None
-        registry.reset_pool_peaks()
-        memory = common.memory_of_step(
-            device, lambda: run_stack(stack, inputs), lambda output: output.backward(output_grad)
-        )
-        host = registry.pool_stats().get(device.type, {}).get("peak_in_use_bytes")
-        plan = wrapped.plan
-    row: dict[str, Any] = {
-        "run": name,
-        "median_ms": statistics.median(times),
-        "step_ms": common.spread(times),
-        **memory,
-        "host_peak_bytes": host,
-        "noisy": noise.diagnose(times, {}),
-    }
-    if plan is not None:
-        row.update(
-            predicted_ms=plan.step_seconds * 1e3,
-            predicted_peak_bytes=plan.peak_bytes,
-            modes=plan.counts(),
-            plan=plan.summary(),
-        )
-    return row
 
 
 COLUMNS = [

@@ -24,7 +24,7 @@ from torch import nn
 from ..checkpointing import counters
 from ..checkpointing.layer_call import LayerCall
 from ..checkpointing.options import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
-from ..checkpointing.saved_input import pop_hooks, push_hooks, saving_is_ours
+from ..checkpointing.saved_input import saving_is_ours
 from .region import SwapRegion, swappable
 
 __all__ = ["SwapRegion", "run_swapped", "swap_activations", "swappable"]
@@ -80,15 +80,8 @@ def swap_activations(
         min_offload_bytes=min_offload_bytes,
         keep_pending=keep_pending,
     )
-    push_hooks(region.pack, region.unpack)
-    try:
+    with region.active():
         yield region
-    except BaseException:
-        pop_hooks()
-        region.abandon()
-        raise
-    pop_hooks()
-    region.close()
 
 
 def run_swapped(call: LayerCall, options: OffloadOptions, *, prefetched: bool = True) -> Any:
@@ -115,13 +108,5 @@ def run_swapped(call: LayerCall, options: OffloadOptions, *, prefetched: bool = 
         held_anyway=(*owned, *(leaf for leaf in call.leaves if leaf is not hidden)),
         prefetched=prefetched,
     )
-    push_hooks(region.pack, region.unpack)
-    try:
-        output = call.run()
-    except BaseException:
-        pop_hooks()
-        region.abandon()
-        raise
-    pop_hooks()
-    region.close()
-    return output
+    with region.active():
+        return call.run()

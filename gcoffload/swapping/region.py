@@ -25,15 +25,16 @@ in torch.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..checkpointing import counters
 from ..checkpointing.forward_chain import chain_of, link
-from ..checkpointing.saved_input import SavedTensor, can_save, capturing
+from ..checkpointing.saved_input import SavedTensor, can_save, capturing, pop_hooks, push_hooks
 from ..engine import get_engine
 from .swapped_storage import SwappedGroup, SwappedStorage, SwappedView
 
@@ -96,6 +97,23 @@ class SwapRegion:
         self._offloaded: dict[int, tuple[StorageWeakRef, weakref.ref[SwappedStorage], int]] = {}
         self._groups: list[weakref.ref[SwappedGroup]] = []
         self.swapped_bytes = 0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[SwapRegion]:
+        """The region's hooks in force inside the block.
+
+        When the block ends the region closes (its pending storages leave); when
+        it raises, everything the region saved is released.
+        """
+        push_hooks(self.pack, self.unpack)
+        try:
+            yield self
+        except BaseException:
+            pop_hooks()
+            self.abandon()
+            raise
+        pop_hooks()
+        self.close()
 
     def pack(self, tensor: torch.Tensor) -> SwappedView | SavedTensor:
         if not swappable(tensor) or not (self.sizing or (can_save(tensor) and not capturing(tensor.device))):
