@@ -449,6 +449,9 @@ PoolStats PinnedPool::stats() {
 
 void PinnedPool::reset_peak() {
   std::lock_guard<std::mutex> lock(mutex_);
+  // Buffers whose last copy has finished are not in use any more: the new
+  // peak starts from what is, as stats() would report it.
+  collect_retired();
   stats_.peak_in_use_bytes = stats_.in_use_bytes;
 }
 

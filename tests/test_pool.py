@@ -98,6 +98,27 @@ class TestGrowth:
         del small
 
 
+class TestPeak:
+    @pytest.mark.simdev
+    def test_a_reset_peak_starts_from_what_is_in_use_now(self, make_engine):
+        """A released buffer whose copy has finished is not in use: a peak reset after it is not its size.
+
+        On an asynchronous device the buffer retires behind its copy's fence, which the pool collects
+        when asked; the reset must collect first.
+        """
+        engine = make_engine("simdev:0", slab_bytes=MIB)
+        pool = engine._impl.pool
+        handle = engine.offload(torch.ones(MIB // 4, device="simdev:0"))
+        handle.release()
+        engine.synchronize()  # the copy is done
+        pool.reset_peak()
+        assert pool.stats()["in_use_bytes"] == pool.stats()["peak_in_use_bytes"] == 0
+        kept = engine.offload(torch.ones(MIB // 8, device="simdev:0"))
+        assert pool.stats()["peak_in_use_bytes"] == MIB // 2
+        kept.release()
+        engine.synchronize()
+
+
 class TestGivingBack:
     def test_acquire_never_gives_memory_back(self, make_engine):
         """Under a tight budget and changing shapes, no offload lowers what the pool holds.

@@ -21,7 +21,7 @@ import torch
 
 from ..autopilot.planner import predict
 from ..checkpointing.options import OffloadOptions
-from ..engine import registry
+from ..engine import get_engine, registry
 from ..layers.wrap import WrappedLayers, wrap_layers
 from . import common, noise
 from .decoder import build_stack, run_stack
@@ -110,7 +110,8 @@ def measure_run(
     prepare: Callable[[WrappedLayers], None] | None = None,
 ) -> dict[str, Any]:
     """One run of ``stack`` wrapped with ``wrap`` (``wrap_layers``' keywords): step time, device memory
-    of a step, the host pool's peak, and the plan in force. ``prepare`` runs first, inside the wrap."""
+    of a step, the pinned host memory the step took at its peak, and the plan in force. ``prepare``
+    runs first, inside the wrap."""
     with wrap_layers(stack, **wrap) as wrapped:
         try:
             if prepare is not None:
@@ -118,7 +119,9 @@ def measure_run(
             times = common.time_steps(step, device, warmup=warmup, steps=steps)
             stack.zero_grad(set_to_none=True)
             inputs.grad = None
+            get_engine(device).synchronize()  # buffers of the last step's copies go back to the pool
             registry.reset_pool_peaks()
+            host_before = registry.pool_stats().get(device.type, {}).get("in_use_bytes", 0)
             memory = common.memory_of_step(
                 device, lambda: run_stack(stack, inputs), lambda output: output.backward(output_grad)
             )
@@ -126,6 +129,7 @@ def measure_run(
             stack.zero_grad(set_to_none=True)
             return {"run": name, "oom": True, "noisy": None}
         host = registry.pool_stats().get(device.type, {}).get("peak_in_use_bytes")
+        host = None if host is None else host - host_before  # what the step itself took
         plan = wrapped.plan
     row: dict[str, Any] = {
         "run": name,
