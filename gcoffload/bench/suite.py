@@ -11,7 +11,7 @@ layer against torch.utils.checkpoint (always on the CPU, where it is all there
 is to measure).
 
 Without a GPU: a small smoke run of the same code and every scenario on the
-CPU, whose timings say nothing about GPU performance (about 20 s on 2 idle
+CPU, whose timings say nothing about GPU performance (about 26 s on 2 idle
 cores, extension built); ``--full`` runs the larger CPU sizes of earlier smoke
 runs (the stack and the autopilot at 2x256 tokens, one more warm-up step, the
 host cost over 40 steps; about twice as long). On the CPU the suite
