@@ -384,3 +384,18 @@ def test_swapped_activations_leave_the_device_after_forward(device):
     swapped = held_after_forward("swap")
     assert kept > 0
     assert swapped == 0
+
+
+def test_an_empty_view_outside_the_span_comes_back_empty():
+    x = torch.randn(8, 64, requires_grad=True)
+
+    def loss() -> torch.Tensor:
+        y = x * 2
+        head, empty = y[:1, :4], y[7:7]  # the span covers the head alone; the empty view lies past it
+        return head.sin().sum() + (empty * empty).sum()
+
+    (expected,) = torch.autograd.grad(loss(), x)
+    with gcoffload.swap_activations(min_offload_bytes=0, keep_pending=100):
+        value = loss()
+    (got,) = torch.autograd.grad(value, x)
+    assert torch.equal(got, expected)
