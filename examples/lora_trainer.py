@@ -4,9 +4,9 @@
 
 The model is built from a config (no download), the data is random token ids,
 and the Trainer runs three steps. ``patch_model`` with a memory budget makes
-gcoffload pick, per decoder layer, whether to keep its activations, checkpoint
-it, or checkpoint it and park its input in host memory; the script prints the
-plan it chose and what was offloaded.
+gcoffload pick, per decoder layer, whether to keep its activations, swap them
+to host memory, checkpoint it, or checkpoint it and park its input in host
+memory; the script prints the plan it chose and what went to host memory.
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ def main() -> None:
     counters = gcoffload.stats()["last_step"]["cpu"]
     print(
         f"last step: {counters['checkpointed_layers']} layers checkpointed, {counters['kept_layers']} kept, "
-        f"{counters['offloads']} inputs offloaded ({counters['offloaded_bytes'] / 2**10:.0f} KiB), "
-        f"{counters['prefetch_hits']} prefetched ahead of their backward"
+        f"{counters['swapped_layers']} swapped; {counters['offloads']} copies to host memory "
+        f"({counters['swapped_storages']} of them swapped storages, "
+        f"{counters['offloaded_bytes'] / 2**10:.0f} KiB), {counters['prefetch_hits']} prefetched ahead "
+        "of their backward"
     )
 
 
