@@ -73,9 +73,9 @@ class LayerMeter:
     Attributes (once :meth:`run` has run): ``saved_keys``, the storages the
     layer saves; ``own_bytes``; ``output_key``, ``output_bytes`` and
     ``output_storage`` (a weak reference) of its first output tensor;
-    ``seconds``, its forward time; ``travelling``, the bytes each storage swap
-    mode would send to host memory, by storage key (counted by the swap
-    region's own rules, :meth:`SwapRegion.travelling`).
+    ``seconds``, its forward time; ``swap``, the profile's swap fields: what
+    swap mode would send to host memory and leave on the device, counted by
+    the swap region's own rules (:meth:`SwapRegion.travelling`).
     """
 
     def __init__(self, call: LayerCall, min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES) -> None:
@@ -95,15 +95,8 @@ class LayerMeter:
             if key not in self._excluded and key != self.hidden_key and storage.nbytes() > 0:
                 self.arguments.setdefault(key, (StorageWeakRef(storage), storage.nbytes()))
         self.measuring = True
-        self._swap = SwapRegion(
-            call.layer,
-            prefetch_depth=0,
-            min_offload_bytes=min_offload_bytes,
-            held_anyway=(*owned, *(leaf for leaf in call.leaves if leaf is not hidden)),
-            sizing=True,
-        )
-        self.travelling: dict[int, int] = {}
-        self._saved_bytes: dict[int, int] = {}
+        self._swap = SwapRegion.for_call(call, min_offload_bytes, sizing=True)
+        self.swap: dict[str, Any] = {}
         self._saved: dict[int, torch.UntypedStorage] = {}
         self.saved_keys: frozenset[int] = frozenset()
         self.own_bytes = 0
@@ -168,8 +161,6 @@ class LayerMeter:
 
     def _finish(self, output: Any) -> None:
         self.saved_keys = frozenset(self._saved)
-        self._saved_bytes = {key: storage.nbytes() for key, storage in self._saved.items()}
-        self.travelling = self._swap.travelling()
         outputs = _tensors(output)
         if outputs:
             storage = outputs[0].untyped_storage()
@@ -181,6 +172,18 @@ class LayerMeter:
         self.largest_saved_bytes = max(
             (storage.nbytes() for key, storage in self._saved.items() if key not in self.arguments), default=0
         )
+        travelling = self._swap.travelling()
+        self.swap = {
+            "swap_bytes": sum(travelling.values()),
+            "swap_resident_bytes": sum(
+                storage.nbytes()
+                for key, storage in self._saved.items()
+                if key not in shared and key not in travelling
+            ),
+            "input_swapped": self.hidden_key in travelling,
+            "output_swapped": self.output_key in travelling,
+            "first_needed_swap_bytes": next(reversed(travelling.values()), 0),  # saved last
+        }
 
     def profile(
         self, index: int, offloadable: bool, input_is_previous_output: bool, argument_ids: dict[int, int]
@@ -200,25 +203,8 @@ class LayerMeter:
             arguments=tuple(argument_ids[key] for key in self.arguments),
             saved_arguments=tuple(argument_ids[key] for key in self.arguments if key in self.saved_keys),
             largest_saved_bytes=self.largest_saved_bytes,
-            **self._swap_profile(),
+            **self.swap,
         )
-
-    def _swap_profile(self) -> dict[str, Any]:
-        """What swap mode would move and leave (Note [What a layer holds, by storage] in profile.py)."""
-        travelling = self.travelling
-        shared = {self.hidden_key, self.output_key, *self.arguments}
-        last = next(reversed(travelling.values()), 0)
-        return {
-            "swap_bytes": sum(travelling.values()),
-            "swap_resident_bytes": sum(
-                storage_bytes
-                for key, storage_bytes in self._saved_bytes.items()
-                if key not in shared and key not in travelling
-            ),
-            "input_swapped": self.hidden_key in travelling,
-            "output_swapped": self.output_key in travelling,
-            "first_needed_swap_bytes": last,
-        }
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,11 @@ class ChainUnit(Protocol):
 
     previous: weakref.ref[ChainUnit] | None
 
+    @property
+    def waiting(self) -> bool:
+        """Whether :meth:`prefetch` would copy something back (an input on the host, a prefetched group)."""
+        ...
+
     def prefetch(self) -> None: ...
 
 

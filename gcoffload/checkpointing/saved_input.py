@@ -63,7 +63,7 @@ import torch
 
 from ..engine import CopyEngine, Handle, get_engine
 from . import counters
-from .forward_chain import chain_of, link, predecessors
+from .forward_chain import ChainUnit, chain_of, link, predecessors
 from .layer_call import describe_layer
 from .options import OffloadOptions
 
@@ -72,6 +72,7 @@ __all__ = [
     "SavedTensor",
     "can_save",
     "capturing",
+    "prefetch_predecessors",
     "pop_hooks",
     "push_hooks",
     "raise_modified_in_place",
@@ -146,6 +147,10 @@ class SavedInput:
             self.handle = self.engine.offload(self.tensor)
             self.tensor = None
 
+    @property
+    def waiting(self) -> bool:
+        return self.handle is not None
+
     def prefetch(self) -> None:
         if self.handle is not None:
             self.engine.prefetch(self.handle)
@@ -176,7 +181,7 @@ class SavedInput:
             raise_modified_in_place(what, current, self.version, self.layer)
         self.counts["recomputes"] += 1
         if self._fetched is None:
-            self._prefetch_predecessors()
+            prefetch_predecessors(self, self.prefetch_depth, self.device)
             if self.tensor is not None:
                 self._fetched = self.tensor
                 self.counts["kept_resident"] += 1
@@ -192,11 +197,6 @@ class SavedInput:
             if self.previous is None:
                 counters.end_step(self.device)
         return self._fetched
-
-    def _prefetch_predecessors(self) -> None:
-        if self.prefetch_depth and not capturing(self.device):
-            for earlier in predecessors(self, self.prefetch_depth):
-                earlier.prefetch()
 
     def release(self) -> None:
         """Drops whatever is held now (used when a layer raises)."""
@@ -237,6 +237,17 @@ def raise_modified_in_place(what: str, current: int, expected: int, layer: objec
         "afterwards), so the recompute in backward would see other values than the forward pass did. "
         "Change a clone instead (x = x.clone()) before modifying it in place."
     )
+
+
+def prefetch_predecessors(unit: ChainUnit, depth: int, device: torch.device) -> None:
+    """Starts copying back the ``depth`` units linked before ``unit``: backward needs them next.
+
+    Nothing is issued while ``device``'s stream captures a graph (Note [Graph capture]).
+    """
+    waiting = [earlier for earlier in predecessors(unit, depth) if earlier.waiting]
+    if waiting and not capturing(device):
+        for earlier in waiting:
+            earlier.prefetch()
 
 
 def capturing(device: torch.device) -> bool:

@@ -19,8 +19,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from torch import nn
-
 from ..checkpointing import counters
 from ..checkpointing.layer_call import LayerCall
 from ..checkpointing.options import DEFAULT_MIN_OFFLOAD_BYTES, OffloadOptions
@@ -99,14 +97,8 @@ def run_swapped(call: LayerCall, options: OffloadOptions, *, prefetched: bool = 
         counters.count(hidden.device, "swapped_layers")
     if not saving_is_ours():
         return call.run()
-    module = call.module
-    owned = (*module.parameters(), *module.buffers()) if isinstance(module, nn.Module) else ()
-    region = SwapRegion(
-        call.layer,
-        prefetch_depth=options.prefetch_depth,
-        min_offload_bytes=options.min_offload_bytes,
-        held_anyway=(*owned, *(leaf for leaf in call.leaves if leaf is not hidden)),
-        prefetched=prefetched,
+    region = SwapRegion.for_call(
+        call, options.min_offload_bytes, prefetch_depth=options.prefetch_depth, prefetched=prefetched
     )
     with region.active():
         return call.run()

@@ -30,10 +30,12 @@ import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..checkpointing import counters
 from ..checkpointing.forward_chain import chain_of, link
+from ..checkpointing.layer_call import LayerCall
 from ..checkpointing.saved_input import SavedTensor, can_save, capturing, pop_hooks, push_hooks
 from ..engine import get_engine
 from .swapped_storage import SwappedGroup, SwappedStorage, SwappedView
@@ -98,6 +100,24 @@ class SwapRegion:
         self._groups: list[weakref.ref[SwappedGroup]] = []
         self.swapped_bytes = 0
 
+    @classmethod
+    def for_call(
+        cls, call: LayerCall, min_offload_bytes: int, *, prefetch_depth: int = 0, **keywords: bool
+    ) -> SwapRegion:
+        """The region of one layer call: its parameters, buffers and arguments other than the hidden
+        states are held anyway (Note [What a region never swaps]). ``keywords``: ``prefetched``, ``sizing``.
+        """
+        module = call.module
+        owned = (*module.parameters(), *module.buffers()) if isinstance(module, nn.Module) else ()
+        hidden = call.hidden
+        return cls(
+            call.layer,
+            prefetch_depth=prefetch_depth,
+            min_offload_bytes=min_offload_bytes,
+            held_anyway=(*owned, *(leaf for leaf in call.leaves if leaf is not hidden)),
+            **keywords,
+        )
+
     @contextlib.contextmanager
     def active(self) -> Iterator[SwapRegion]:
         """The region's hooks in force inside the block.
@@ -145,8 +165,10 @@ class SwapRegion:
     def travelling(self) -> dict[int, int]:
         """Sizing: the bytes each storage that would travel moves, by storage key; then forgets them."""
         pending, self._pending = self._pending, {}
-        floor = max(self.min_offload_bytes, 1)
-        return {key: swapped.nbytes for key, swapped in pending.items() if swapped.nbytes >= floor}
+        return {key: swapped.nbytes for key, swapped in pending.items() if self._travels(swapped)}
+
+    def _travels(self, swapped: SwappedStorage) -> bool:
+        return swapped.nbytes >= max(self.min_offload_bytes, 1)
 
     def close(self) -> None:
         """Offloads every storage still pending, as one group."""
@@ -184,7 +206,7 @@ class SwapRegion:
         """Offloads the storages worth moving, one group per device, linked into the device's chain."""
         by_device: dict[torch.device, list[SwappedStorage]] = {}
         for swapped in storages:
-            if swapped.nbytes >= max(self.min_offload_bytes, 1):
+            if self._travels(swapped):
                 by_device.setdefault(swapped.device, []).append(swapped)
         for device, moving in by_device.items():
             counts = counters.of(device)

@@ -51,8 +51,7 @@ from collections import Counter
 import torch
 
 from ..checkpointing import counters
-from ..checkpointing.forward_chain import predecessors
-from ..checkpointing.saved_input import capturing, raise_modified_in_place
+from ..checkpointing.saved_input import capturing, prefetch_predecessors, raise_modified_in_place
 from ..engine import CopyEngine, Handle, extension
 
 __all__ = ["SwappedGroup", "SwappedStorage", "SwappedView"]
@@ -180,7 +179,8 @@ class SwappedStorage:
     @property
     def nbytes(self) -> int:
         """Bytes that travel: the span widened to 16-byte boundaries within the storage."""
-        return self._aligned()[1] - self._aligned()[0]
+        start, end = self._aligned()
+        return end - start
 
     def _aligned(self) -> tuple[int, int]:
         start = self.start - self.start % _ALIGNMENT
@@ -240,7 +240,7 @@ class SwappedStorage:
             self.fetched = self.engine.fetch(self.handle).untyped_storage()
             self.handle.release()
             self.handle = None
-            if group.ends_step and not group.step_ended:
+            if group.previous is None and not group.step_ended:  # the first unit of the chain
                 group.step_ended = True
                 counters.end_step(self.device)
         return self.fetched, self.start
@@ -266,7 +266,6 @@ class SwappedGroup:
         "__weakref__",
         "counts",
         "device",
-        "ends_step",
         "prefetch_depth",
         "prefetched",
         "previous",
@@ -291,12 +290,15 @@ class SwappedGroup:
         self.counts = counts
         self.previous: weakref.ref | None = None  # set by forward_chain.link
         self.started = False
-        self.ends_step = False
         self.step_ended = False
+
+    @property
+    def waiting(self) -> bool:
+        return self.prefetched
 
     def prefetch(self) -> None:
         """A later unit's backward pass asks for the group: copies it back if the group is prefetched."""
-        if self.prefetched:
+        if self.waiting:
             self._copy_back()
 
     def _copy_back(self) -> None:
@@ -311,10 +313,8 @@ class SwappedGroup:
         if self.started:
             return
         self.started = True
-        self.ends_step = self.previous is None
+        prefetch_predecessors(self, self.prefetch_depth, self.device)
         if not capturing(self.device):
-            for earlier in predecessors(self, self.prefetch_depth):
-                earlier.prefetch()
             self._copy_back()
 
     def release(self) -> None:
