@@ -399,3 +399,21 @@ def test_an_empty_view_outside_the_span_comes_back_empty():
         value = loss()
     (got,) = torch.autograd.grad(value, x)
     assert torch.equal(got, expected)
+
+
+def test_a_bad_mode_is_named():
+    layers = torch.nn.ModuleList([SavesItsOutput(), SavesItsOutput()])
+    with pytest.raises(ValueError, match=r"mode must be one of \['checkpoint', 'swap', 'keep'\].*'spill'"):
+        gcoffload.wrap_layers(layers, mode="spill")
+    with pytest.raises(ValueError, match=r"mode must be one of .*'spill'"):
+        gcoffload.wrap_layers(layers, mode=["swap", "spill"])
+    with pytest.raises(ValueError, match="mode: 1 modes given for 2 layers"):
+        gcoffload.wrap_layers(layers, mode=["swap"])
+    with pytest.raises(ValueError, match="modes and memory_budget cannot be combined"):
+        gcoffload.wrap_layers(layers, mode="swap", memory_budget="1GiB")
+    with (
+        pytest.raises(ValueError, match="swap_activations: keep_pending must be a positive int"),
+        gcoffload.swap_activations(keep_pending=0),
+    ):
+        pass
+    assert all("forward" not in layer.__dict__ for layer in layers), "nothing was wrapped"

@@ -419,11 +419,9 @@ class _Model:
 
     def case_reserve(self, offloads: bool, swaps: bool) -> int:
         """The largest :meth:`reserve` of any plan that offloads, swaps, as given (for the program)."""
-        reserve = self.gradient_bytes + self.recompute_bytes
-        if swaps:
-            reserve = self.gradient_bytes + max(self.recompute_bytes, self.swap_working_bytes)
-            reserve += self.in_flight_bound()
-        return reserve + (self.fetched_bytes if offloads else 0)
+        working = max(self.recompute_bytes, self.swap_working_bytes) if swaps else self.recompute_bytes
+        in_flight = self.in_flight_bound() if swaps else 0
+        return self.gradient_bytes + working + in_flight + (self.fetched_bytes if offloads else 0)
 
 
 def predict(
@@ -600,8 +598,9 @@ def fastest_plan(
                 for plan in _programs(profile, swapping, memory_budget, swaps=True)
                 if Mode.SWAP in plan.modes
             ]
-            over = [plan for plan in found if host_budget is not None and plan.host_bytes > host_budget]
-            plans.extend(plan for plan in found if plan not in over)
+            over = []
+            for plan in found:
+                (plans if host_budget is None or plan.host_bytes <= host_budget else over).append(plan)
             if not over:
                 break
             # Note [Swaps within the host budget]: the largest swap of the plans over it goes.

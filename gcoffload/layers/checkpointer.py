@@ -14,11 +14,18 @@ from ..checkpointing.options import OffloadOptions
 from ..swapping import run_swapped
 from .rule import gradients_flow_through, training
 
-__all__ = ["LAYER_MODES", "LayerCheckpointer"]
+__all__ = ["LAYER_MODES", "LayerCheckpointer", "check_modes"]
 
 # What a layer the selective rule picks does: checkpointed (its input offloaded as the options say),
 # swapped (not recomputed; its saved activations parked in host memory) or kept (all saved on the device).
 LAYER_MODES = ("checkpoint", "swap", "keep")
+
+
+def check_modes(modes: Sequence[str]) -> None:
+    """Raises ValueError, naming the modes there are, if one of ``modes`` is not in :data:`LAYER_MODES`."""
+    unknown = sorted({str(mode) for mode in modes} - set(LAYER_MODES))
+    if unknown:
+        raise ValueError(f"mode must be one of {list(LAYER_MODES)} (or one per layer), got {unknown}")
 
 
 class LayerCheckpointer:
@@ -76,9 +83,7 @@ class LayerCheckpointer:
         if modes is not None:
             if autopilot is not None:
                 raise ValueError("modes and memory_budget cannot be combined: the autopilot picks the modes")
-            unknown = sorted({str(mode) for mode in modes} - set(LAYER_MODES))
-            if unknown:
-                raise ValueError(f"mode must be one of {list(LAYER_MODES)} (or one per layer), got {unknown}")
+            check_modes(modes)
         if autopilot is not None and not isinstance(autopilot, Autopilot):
             raise TypeError(
                 f"LayerCheckpointer: autopilot must be a gcoffload Autopilot or None, got {autopilot!r}"

@@ -10,7 +10,7 @@ from torch import nn
 from ..autopilot.autopilot import Autopilot
 from ..autopilot.planner import Plan
 from ..checkpointing.options import OffloadOptions
-from .checkpointer import LAYER_MODES, LayerCheckpointer
+from .checkpointer import LayerCheckpointer, check_modes
 
 __all__ = ["WrappedLayers", "wrap_layers"]
 
@@ -144,8 +144,7 @@ def wrap_layers(
         raise ValueError("layers contains the same module twice")
 
     if isinstance(mode, str):
-        if mode not in LAYER_MODES:
-            raise ValueError(f"mode must be one of {list(LAYER_MODES)} or one per layer, got {mode!r}")
+        check_modes((mode,))
         modes = None if mode == "checkpoint" else (mode,) * len(modules)
     else:
         modes = tuple(mode)
