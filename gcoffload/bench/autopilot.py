@@ -24,7 +24,7 @@ from ..checkpointing.options import OffloadOptions
 from ..engine import get_engine, registry
 from ..layers.wrap import WrappedLayers, wrap_layers
 from . import common, noise
-from .decoder import build_stack, run_stack
+from .decoder import build_stack, run_stack, training_step
 from .stack_overlap import StackConfig
 
 FRACTIONS = (0.0, 0.4, 0.8)
@@ -46,11 +46,7 @@ def run(
     """Measures the baselines and the autopilot at three budgets on one stack; a JSON-ready dict."""
     stack = build_stack(config.shape, config.layers, device, dtype)
     inputs, output_grad = config.tensors(device, dtype)
-
-    def step() -> None:
-        stack.zero_grad(set_to_none=True)
-        inputs.grad = None
-        run_stack(stack, inputs).backward(output_grad)
+    step = training_step(stack, inputs, output_grad)
 
     advance(f"autopilot {config.label}: profile")
     with wrap_layers(stack, OffloadOptions(min_offload_bytes=0), memory_budget=1 << 62) as wrapped:
@@ -82,12 +78,7 @@ def run(
         if row.get("peak_bytes") is not None:
             row["peak_less_gradients_bytes"] = row["peak_bytes"] - gradient_bytes
     return {
-        "config": {
-            **config.shape.as_dict(),
-            "layers": config.layers,
-            "batch": config.batch,
-            "length": config.length,
-        },
+        "config": config.as_dict(),
         "label": config.label,
         "dtype": str(dtype),
         "least_memory_peak_bytes": least.peak_bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -106,3 +107,16 @@ def run_stack(stack: nn.ModuleList, hidden_states: torch.Tensor) -> torch.Tensor
     for layer in stack:
         hidden_states = layer(hidden_states)
     return hidden_states
+
+
+def training_step(
+    stack: nn.ModuleList, inputs: torch.Tensor, output_grad: torch.Tensor
+) -> Callable[[], None]:
+    """One forward and backward pass through ``stack``, with the gradients of the last one dropped first."""
+
+    def step() -> None:
+        stack.zero_grad(set_to_none=True)
+        inputs.grad = None
+        run_stack(stack, inputs).backward(output_grad)
+
+    return step

@@ -45,6 +45,10 @@ class StackConfig:
     def label(self) -> str:
         return f"{self.shape.name} L={self.layers} {self.batch}x{self.length}"
 
+    def as_dict(self) -> dict[str, Any]:
+        """The stack's shape, layers and tokens, for a result's JSON."""
+        return {**self.shape.as_dict(), "layers": self.layers, "batch": self.batch, "length": self.length}
+
     def input_bytes(self, dtype: torch.dtype) -> int:
         return self.batch * self.length * self.shape.hidden * torch.empty((), dtype=dtype).element_size()
 
@@ -104,12 +108,7 @@ def run(
     noise.mark_implausible(rows, "strategy")  # every strategy does the same work
     del stack, inputs, output_grad
     return {
-        "config": {
-            **config.shape.as_dict(),
-            "layers": config.layers,
-            "batch": config.batch,
-            "length": config.length,
-        },
+        "config": config.as_dict(),
         "label": config.label,
         "dtype": str(dtype),
         "layer_input_bytes": input_bytes,

@@ -30,7 +30,7 @@ from ..checkpointing.options import OffloadOptions
 from ..layers.wrap import WrappedLayers, wrap_layers
 from . import common, noise
 from .autopilot import measure_run
-from .decoder import build_stack, run_stack
+from .decoder import build_stack, training_step
 from .stack_overlap import StackConfig
 
 BUS_RATIOS = (0.3, 1.0, 3.0)
@@ -57,11 +57,7 @@ def run(
     """
     stack = build_stack(config.shape, config.layers, device, dtype)
     inputs, output_grad = config.tensors(device, dtype)
-
-    def step() -> None:
-        stack.zero_grad(set_to_none=True)
-        inputs.grad = None
-        run_stack(stack, inputs).backward(output_grad)
+    step = training_step(stack, inputs, output_grad)
 
     advance(f"swap {config.label}: profile")
     profile = _profile(stack, step)
@@ -76,22 +72,22 @@ def run(
             _at_bus(label, stack, step, inputs, output_grad, profile, device, warmup, steps, advance)
         )
     return {
-        "config": {
-            **config.shape.as_dict(),
-            "layers": config.layers,
-            "batch": config.batch,
-            "length": config.length,
-        },
+        "config": config.as_dict(),
         "label": config.label,
         "dtype": str(dtype),
         "buses": results,
     }
 
 
+def _per_layer(profile: Profile) -> tuple[float, float]:
+    """A layer's swapped bytes and forward seconds, on average."""
+    swapped = statistics.mean(layer.swap_bytes for layer in profile.layers)
+    return swapped, statistics.mean(layer.forward_seconds for layer in profile.layers)
+
+
 def _bus_ratio(profile: Profile) -> float:
     """How many times its forward time copying one layer's swapped activations one way takes."""
-    swapped = statistics.mean(layer.swap_bytes for layer in profile.layers)
-    forward = statistics.mean(layer.forward_seconds for layer in profile.layers)
+    swapped, forward = _per_layer(profile)
     return swapped / profile.copies.d2h_bytes_per_second / forward
 
 
@@ -104,8 +100,7 @@ def _at_ratio(
 ) -> Profile:
     """Sets the bandwidth for ``ratio``, corrected from the copies measured (a copy costs more than its
     bandwidth says: latency, the host's own memcpy); returns the profile measured at it."""
-    swapped = statistics.mean(layer.swap_bytes for layer in profile.layers)
-    forward = statistics.mean(layer.forward_seconds for layer in profile.layers)
+    swapped, forward = _per_layer(profile)
     bandwidth = swapped / (ratio * forward)
     for _ in range(CALIBRATIONS):
         set_bandwidth(bandwidth)
@@ -141,8 +136,7 @@ def _at_bus(
     least = predict(profile, ["offload" if layer.offloadable else "checkpoint" for layer in profile.layers])
     budget = least.peak_bytes
     copies = profile.copies
-    swapped = statistics.mean(layer.swap_bytes for layer in profile.layers)
-    forward = statistics.mean(layer.forward_seconds for layer in profile.layers)
+    swapped, forward = _per_layer(profile)
     bus_ratio = _bus_ratio(profile)
     all_swap = predict(profile, ["swap" if layer.swap_bytes else "checkpoint" for layer in profile.layers])
     runs: dict[str, dict[str, Any]] = {
