@@ -2,6 +2,8 @@
 // these are thin, and release the GIL around every call that can wait.
 
 #include "copy_engine.h"
+#include "disk_file.h"
+#include "disk_tier.h"
 #include "pinned_pool.h"
 
 #include <torch/extension.h>
@@ -20,9 +22,12 @@ OverBudget parse_over_budget(const std::string& policy) {
   if (policy == "pageable") {
     return OverBudget::Pageable;
   }
+  if (policy == "disk") {
+    return OverBudget::Disk;
+  }
   TORCH_CHECK(
       policy == "error",
-      "over_budget must be 'keep', 'pageable' or 'error', got '",
+      "over_budget must be 'keep', 'pageable', 'error' or 'disk', got '",
       policy,
       "'");
   return OverBudget::Error;
@@ -62,6 +67,8 @@ const char* placement_name(Handle::Placement placement) {
       return "device";
     case Handle::Placement::Empty:
       return "empty";
+    case Handle::Placement::Disk:
+      return "disk";
   }
   return "unknown";
 }
@@ -94,8 +101,38 @@ py::dict engine_stats(CopyEngine& engine) {
   out["fetched_bytes"] = stats.fetched_bytes;
   out["kept_on_device"] = stats.kept_on_device;
   out["pageable_spills"] = stats.pageable_spills;
+  out["disk_spills"] = stats.disk_spills;
+  out["read_aheads"] = stats.read_aheads;
   out["pending_handoffs"] = stats.pending_handoffs;
   out["live_handles"] = stats.live_handles;
+  return out;
+}
+
+py::dict disk_stats(DiskTier& tier) {
+  const DiskStats stats = tier.stats();
+  const PoolStats staging = tier.staging_pool().stats();
+  py::dict out;
+  out["dir"] = tier.dir();
+  out["direct"] = tier.direct();
+  out["file"] = tier.naming();
+  out["checksums"] = tier.checksums();
+  out["writes"] = stats.writes;
+  out["written_bytes"] = stats.written_bytes;
+  out["write_seconds"] = stats.write_seconds;
+  out["reads"] = stats.reads;
+  out["read_bytes"] = stats.read_bytes;
+  out["read_seconds"] = stats.read_seconds;
+  out["stall_seconds"] = stats.stall_seconds;
+  out["refused"] = stats.refused;
+  out["failed_writes"] = stats.failed_writes;
+  out["bytes_on_disk"] = stats.bytes_on_disk;
+  out["peak_bytes_on_disk"] = stats.peak_bytes_on_disk;
+  out["file_bytes"] = stats.file_bytes;
+  out["budget_bytes"] = stats.budget_bytes < 0 ? py::object(py::none())
+                                                : py::object(py::int_(stats.budget_bytes));
+  out["staging_in_use_bytes"] = staging.in_use_bytes;
+  out["staging_peak_bytes"] = staging.peak_in_use_bytes;
+  out["staging_limit_bytes"] = staging.budget_bytes;
   return out;
 }
 
@@ -164,6 +201,72 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "Test hook: lets `successes` host allocations through, then makes "
           "the next `failures` fail as an allocator out of memory does.");
 
+  py::class_<DiskTier, std::shared_ptr<DiskTier>>(m, "DiskTier")
+      .def(
+          py::init([](const std::string& device_type,
+                      const std::string& dir,
+                      std::optional<int64_t> budget_bytes,
+                      int64_t staging_bytes,
+                      bool checksums,
+                      std::shared_ptr<FaultInjector> faults) {
+            return DiskTier::open(
+                c10::Device(device_type).type(),
+                dir,
+                budget_bytes.value_or(-1),
+                staging_bytes,
+                checksums,
+                std::move(faults));
+          }),
+          py::arg("device_type"),
+          py::arg("dir"),
+          py::arg("budget_bytes"),
+          py::arg("staging_bytes"),
+          py::arg("checksums") = false,
+          py::arg("faults") = nullptr,
+          py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("dir", &DiskTier::dir)
+      .def_property_readonly("direct", &DiskTier::direct)
+      .def_property_readonly("failure", &DiskTier::failure)
+      .def("stats", &disk_stats)
+      .def("reset_stats", &DiskTier::reset_stats)
+      .def(
+          "synchronize",
+          &DiskTier::synchronize,
+          py::call_guard<py::gil_scoped_release>())
+      .def("trim", &DiskTier::trim, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<FaultInjector, std::shared_ptr<FaultInjector>>(m, "FaultInjector")
+      .def(py::init<>())
+      .def(
+          "arm",
+          &FaultInjector::arm,
+          py::arg("op"),
+          py::arg("error") = 0,
+          py::arg("transfer_bytes") = 0,
+          py::arg("skip") = 0,
+          py::arg("times") = 1,
+          "Test hook: the next `times` `op` calls ('open', 'write' or "
+          "'read') after `skip` others fail with errno `error`, or, if it is "
+          "0, move `transfer_bytes` bytes only.");
+
+  m.def(
+      "measure_disk_bandwidth",
+      [](const std::string& dir, int64_t nbytes, int64_t block_bytes) {
+        TORCH_CHECK_VALUE(
+            nbytes > 0 && block_bytes > 0,
+            "measure_disk_bandwidth: nbytes and block_bytes must be positive");
+        const Bandwidth measured = measure_bandwidth(
+            dir, static_cast<size_t>(nbytes), static_cast<size_t>(block_bytes));
+        py::dict out;
+        out["write_bytes_per_second"] = measured.write_bytes_per_second;
+        out["read_bytes_per_second"] = measured.read_bytes_per_second;
+        out["direct"] = measured.direct;
+        return out;
+      },
+      py::arg("dir"),
+      py::arg("nbytes"),
+      py::arg("block_bytes"));
+
   py::class_<VersionWatch>(m, "VersionWatch")
       .def_property_readonly("current", &VersionWatch::current);
   m.def(
@@ -214,6 +317,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("handle"),
           py::call_guard<py::gil_scoped_release>())
       .def(
+          "read_ahead",
+          &CopyEngine::read_ahead,
+          py::arg("handle"),
+          py::call_guard<py::gil_scoped_release>())
+      .def(
           "fetch",
           &CopyEngine::fetch,
           py::arg("handle"),
@@ -228,6 +336,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             engine.set_over_budget(parse_over_budget(policy));
           },
           py::arg("policy"))
+      .def(
+          "set_disk_tier",
+          [](CopyEngine& engine,
+             std::shared_ptr<DiskTier> tier,
+             const std::string& fallback) {
+            engine.set_disk_tier(std::move(tier), parse_over_budget(fallback));
+          },
+          py::arg("tier"),
+          py::arg("fallback"))
+      .def_property_readonly("disk_tier", &CopyEngine::disk_tier)
       .def("set_max_pending", &CopyEngine::set_max_pending, py::arg("max_pending"))
       .def("stats", &engine_stats)
       .def("reset_stats", &CopyEngine::reset_stats)

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <chrono>
 
 namespace gcoffload {
 
@@ -281,7 +282,7 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
   at::Tensor source = tensor.resolve_conj().resolve_neg().contiguous();
   std::shared_ptr<Handle> handle;
   std::vector<at::Tensor> dropped;
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   handle.reset(new Handle(shared_from_this(), next_id_++, source));
   if (!tensor.is_inference()) {
     // See Note [Watched versions].
@@ -301,24 +302,41 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
     handle->placement_ = Handle::Placement::Pool;
     handle->host_ = handle->block_->view(source.scalar_type(), source.sizes());
   } else {
+    OverBudget policy = over_budget_;
+    std::string refusal;
+    if (policy == OverBudget::Disk) {
+      refusal = spill_to_disk(*handle, lock);
+      policy = refusal.empty() ? OverBudget::Disk : disk_fallback_;
+    }
     TORCH_CHECK(
-        over_budget_ != OverBudget::Error,
+        policy != OverBudget::Error || refusal.empty(),
+        "offload: the disk tier cannot take this tensor (",
+        handle->nbytes_,
+        " bytes): ",
+        refusal,
+        " (disk_fallback='error'; 'keep' or 'pageable' would go on without "
+        "the disk)");
+    TORCH_CHECK(
+        policy != OverBudget::Error,
         "offload: no host buffer for tensor (",
         handle->nbytes_,
         " bytes): the host budget is exhausted or the host refused pinned "
         "memory (over_budget='error'). Raise the budget with "
         "gcoffload.configure(host_budget_bytes=...), raise the host's pinned "
-        "memory cap (`ulimit -l`), or pick over_budget='keep' or 'pageable'.");
-    if (over_budget_ == OverBudget::Keep) {
+        "memory cap (`ulimit -l`), or pick over_budget='keep', 'pageable' or "
+        "'disk'.");
+    if (policy == OverBudget::Keep) {
       handle->device_ = std::move(source);
       handle->placement_ = Handle::Placement::Device;
       stats_.kept_on_device += 1;
       return handle;
     }
-    handle->host_ = at::empty(
-        source.sizes(), source.options().device(at::kCPU).pinned_memory(false));
-    handle->placement_ = Handle::Placement::Pageable;
-    stats_.pageable_spills += 1;
+    if (policy == OverBudget::Pageable) {
+      handle->host_ = at::empty(
+          source.sizes(), source.options().device(at::kCPU).pinned_memory(false));
+      handle->placement_ = Handle::Placement::Pageable;
+      stats_.pageable_spills += 1;
+    }
   }
 
   Fence::record(compute_stream()).block(d2h_stream_);
@@ -334,10 +352,117 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
     handle->d2h_done_ = Fence::record(d2h_stream_, tracing_);
     trace("offload", "d2h", handle.get(), start, handle->d2h_done_);
   }
+  if (handle->placement_ == Handle::Placement::Disk) {
+    // See Note [The disk tier] in disk_tier.cpp.
+    const std::weak_ptr<CopyEngine> engine = shared_from_this();
+    const std::weak_ptr<Handle> written = handle;
+    handle->disk_->tier->write(
+        handle->disk_,
+        handle->host_,
+        handle->d2h_done_,
+        [engine, written](const std::string& error) {
+          if (const auto alive = engine.lock()) {
+            alive->on_written(written, error);
+          }
+        });
+    stats_.disk_spills += 1;
+  }
   keep_until_done(source, handle->d2h_done_, d2h_stream_, handle->id_, dropped);
   stats_.offloads += 1;
   stats_.offloaded_bytes += handle->nbytes_;
   return handle;
+}
+
+std::string CopyEngine::spill_to_disk(
+    Handle& handle,
+    std::unique_lock<std::mutex>& lock) {
+  const std::shared_ptr<DiskTier> tier = disk_tier_;
+  if (!tier) {
+    return "no disk tier is configured; set disk_dir (or GCOFFLOAD_DISK_DIR)";
+  }
+  const std::string failure = tier->failure();
+  if (!failure.empty()) {
+    return "an earlier write failed: " + failure;
+  }
+  std::shared_ptr<DiskCopy> place = tier->allocate(static_cast<size_t>(handle.nbytes_));
+  if (!place) {
+    return "its budget is full (disk_budget_bytes=" +
+        std::to_string(tier->stats().budget_bytes) +
+        "); raise disk_budget_bytes, or lower the memory the step needs";
+  }
+  // See Note [Staging buffers] in disk_tier.cpp: waiting for writes needs
+  // the engine, whose writer reports to it.
+  lock.unlock();
+  std::optional<Staging> staging;
+  try {
+    staging = tier->acquire_staging(
+        static_cast<size_t>(handle.nbytes_), DiskTier::Wait::ForWrites);
+  } catch (...) {
+    lock.lock();
+    throw;
+  }
+  lock.lock();
+  handle.disk_ = std::move(place);
+  handle.block_ = staging->block;
+  handle.host_ = staging->bytes.narrow(0, 0, handle.nbytes_)
+                     .view(handle.dtype_)
+                     .view(handle.sizes_);
+  handle.placement_ = Handle::Placement::Disk;
+  return "";
+}
+
+void CopyEngine::on_written(
+    const std::weak_ptr<Handle>& written,
+    const std::string& error) {
+  // Declared before the lock: the last reference to the handle, or to the
+  // staging buffer's view, may go after it is released.
+  const std::shared_ptr<Handle> handle = written.lock();
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!handle || !error.empty() || !handle->block_ ||
+      handle->state_ != Handle::State::Offloaded) {
+    // Gone, kept in staging after a failed write, or already on its way
+    // back from staging: the buffer stays with the handle.
+    return;
+  }
+  release_block(*handle, Fence());
+  dropped.push_back(std::move(handle->host_));
+}
+
+bool CopyEngine::read_ahead(Handle& handle) {
+  std::vector<at::Tensor> dropped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  poll_pending(dropped);
+  if (handle.placement_ != Handle::Placement::Disk || handle.block_ ||
+      handle.state_ != Handle::State::Offloaded) {
+    return false;
+  }
+  if (!start_read(handle, DiskTier::Wait::Never)) {
+    return false;
+  }
+  stats_.read_aheads += 1;
+  return true;
+}
+
+bool CopyEngine::start_read(Handle& handle, DiskTier::Wait wait) {
+  std::optional<Staging> staging = handle.disk_->tier->acquire_staging(
+      static_cast<size_t>(handle.nbytes_), wait);
+  if (!staging) {
+    return false;
+  }
+  handle.block_ = staging->block;
+  handle.host_ = staging->bytes.narrow(0, 0, handle.nbytes_)
+                     .view(handle.dtype_)
+                     .view(handle.sizes_);
+  handle.d2h_done_ = handle.disk_->tier->read(handle.disk_, staging->bytes);
+  return true;
+}
+
+void CopyEngine::release_block(Handle& handle, Fence last_use) {
+  PinnedPool& pool =
+      handle.disk_ ? handle.disk_->tier->staging_pool() : *pool_;
+  pool.release(std::move(*handle.block_), std::move(last_use));
+  handle.block_.reset();
 }
 
 bool CopyEngine::prefetch(Handle& handle) {
@@ -345,7 +470,8 @@ bool CopyEngine::prefetch(Handle& handle) {
   std::lock_guard<std::mutex> lock(mutex_);
   poll_pending(dropped);
   const bool copies = handle.placement_ == Handle::Placement::Pool ||
-      handle.placement_ == Handle::Placement::Pageable;
+      handle.placement_ == Handle::Placement::Pageable ||
+      handle.placement_ == Handle::Placement::Disk;
   if (!copies || handle.state_ != Handle::State::Offloaded) {
     return false;
   }
@@ -378,6 +504,7 @@ at::Tensor CopyEngine::fetch(Handle& handle) {
       return std::move(handle.device_);
     case Handle::Placement::Pool:
     case Handle::Placement::Pageable:
+    case Handle::Placement::Disk:
       break;
   }
 
@@ -388,13 +515,26 @@ at::Tensor CopyEngine::fetch(Handle& handle) {
     stats_.prefetch_hits += 1;
   }
   const bool on_demand = state == Handle::State::Offloaded;
+  // The compute thread itself waits only for a copy behind a disk read.
+  const bool waits_for_disk =
+      handle.h2d_done_.is_host_signal() && handle.disk_ && !handle.h2d_done_.done();
+  const auto start = std::chrono::steady_clock::now();
   wait_on_compute(
       handle.h2d_done_, "fetch", &handle, on_demand ? "on_demand" : "prefetched");
+  if (waits_for_disk) {
+    handle.disk_->tier->add_stall(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count());
+  }
   if (handle.block_) {
-    pool_->release(std::move(*handle.block_), handle.h2d_done_);
-    handle.block_.reset();
+    // A staging buffer may still be read by its write.
+    release_block(
+        handle,
+        handle.disk_ ? Fence::all({handle.h2d_done_, handle.disk_->written})
+                     : handle.h2d_done_);
   }
   dropped.push_back(std::move(handle.host_));
+  handle.disk_.reset();
   handle.state_ = Handle::State::Fetched;
   return std::move(handle.device_);
 }
@@ -402,12 +542,23 @@ at::Tensor CopyEngine::fetch(Handle& handle) {
 void CopyEngine::copy_to_device(Handle& handle) {
   // See Note [Destination allocated on the compute stream].
   at::NoGradGuard no_grad;
+  if (handle.placement_ == Handle::Placement::Disk && !handle.block_) {
+    start_read(handle, DiskTier::Wait::Grow);
+  }
   at::Tensor destination = at::empty(
       handle.sizes_, at::TensorOptions().dtype(handle.dtype_).device(device_));
   Fence::record(compute_stream()).block(h2d_stream_);
   if (has_streams_ && handle.placement_ == Handle::Placement::Pageable) {
     // After the handle's D2H copy: the worker runs jobs in order.
     handle.h2d_done_ = copy_on_worker(h2d_stream_, destination, handle.host_);
+  } else if (handle.d2h_done_.is_host_signal() && !handle.d2h_done_.done()) {
+    // A disk read still runs: the copy follows it on the reader thread.
+    handle.h2d_done_ = copy_on_worker(
+        h2d_stream_,
+        destination,
+        handle.host_,
+        handle.disk_->tier.get(),
+        handle.d2h_done_);
   } else {
     handle.d2h_done_.block(h2d_stream_);
     const Fence start = tracing_ ? Fence::record(h2d_stream_, true) : Fence();
@@ -426,24 +577,31 @@ void CopyEngine::copy_to_device(Handle& handle) {
 Fence CopyEngine::copy_on_worker(
     const c10::Stream& stream,
     at::Tensor destination,
-    at::Tensor source) {
+    at::Tensor source,
+    DiskTier* tier,
+    Fence after) {
   // See Note [Pageable copies off the compute thread].
   Fence done = Fence::host_signal();
-  worker_.submit(
-      [stream, destination, source, done]() mutable {
-        std::string error;
-        try {
-          c10::StreamGuard guard(stream);
-          at::NoGradGuard no_grad;
-          destination.copy_(source, /*non_blocking=*/false);
-        } catch (const std::exception& failure) {
-          error = failure.what();
-        }
-        destination = at::Tensor();
-        source = at::Tensor();
-        done.signal(std::move(error));
-      },
-      done);
+  auto copy = [stream, destination, source, after, done]() mutable {
+    std::string error;
+    try {
+      after.synchronize();
+      c10::StreamGuard guard(stream);
+      at::NoGradGuard no_grad;
+      destination.copy_(source, /*non_blocking=*/false);
+    } catch (const std::exception& failure) {
+      const auto* c10_error = dynamic_cast<const c10::Error*>(&failure);
+      error = c10_error ? c10_error->what_without_backtrace() : failure.what();
+    }
+    destination = at::Tensor();
+    source = at::Tensor();
+    done.signal(std::move(error));
+  };
+  if (tier) {
+    tier->after_reads(std::move(copy), done);
+  } else {
+    worker_.submit(std::move(copy), done);
+  }
   return done;
 }
 
@@ -477,14 +635,17 @@ void CopyEngine::release_locked(
     }
   }
   if (handle.block_) {
-    const Fence& last_use = state == Handle::State::Prefetched
-        ? handle.h2d_done_
-        : handle.d2h_done_;
-    pool_->release(std::move(*handle.block_), last_use);
-    handle.block_.reset();
+    Fence last_use = state == Handle::State::Prefetched ? handle.h2d_done_
+                                                        : handle.d2h_done_;
+    if (handle.disk_) {
+      // A staging buffer may still be read by its write.
+      last_use = Fence::all({std::move(last_use), handle.disk_->written});
+    }
+    release_block(handle, std::move(last_use));
   }
   dropped.push_back(std::move(handle.host_));
   dropped.push_back(std::move(handle.device_));
+  handle.disk_.reset();
 }
 
 void CopyEngine::keep_until_done(
@@ -532,14 +693,21 @@ void CopyEngine::poll_pending(std::vector<at::Tensor>& dropped) {
 
 void CopyEngine::synchronize() {
   std::vector<Fence> fences;
+  std::shared_ptr<DiskTier> tier;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     fences.push_back(worker_.drained());
     fences.push_back(Fence::record(d2h_stream_));
     fences.push_back(Fence::record(h2d_stream_));
+    tier = disk_tier_;
   }
   for (const Fence& fence : fences) {
     fence.synchronize();
+  }
+  if (tier) {
+    // After the copies: a write waits for its D2H copy. Not under the lock:
+    // the writer reports to the engine.
+    tier->synchronize();
   }
   std::vector<at::Tensor> dropped;
   std::lock_guard<std::mutex> lock(mutex_);
@@ -549,6 +717,22 @@ void CopyEngine::synchronize() {
 void CopyEngine::set_over_budget(OverBudget policy) {
   std::lock_guard<std::mutex> lock(mutex_);
   over_budget_ = policy;
+}
+
+void CopyEngine::set_disk_tier(
+    std::shared_ptr<DiskTier> tier,
+    OverBudget fallback) {
+  TORCH_CHECK(
+      fallback != OverBudget::Disk,
+      "disk_fallback must be 'keep', 'pageable' or 'error'");
+  std::lock_guard<std::mutex> lock(mutex_);
+  disk_tier_ = std::move(tier);
+  disk_fallback_ = fallback;
+}
+
+std::shared_ptr<DiskTier> CopyEngine::disk_tier() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return disk_tier_;
 }
 
 void CopyEngine::set_max_pending(int64_t max_pending) {

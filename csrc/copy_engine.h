@@ -1,5 +1,6 @@
 #pragma once
 
+#include "disk_tier.h"
 #include "fence.h"
 #include "host_worker.h"
 #include "pinned_pool.h"
@@ -26,6 +27,7 @@ enum class OverBudget {
   Keep, // keep the tensor where it is; `fetch` returns it without a copy
   Pageable, // copy into ordinary (pageable) host memory: slower, unbounded
   Error, // raise
+  Disk, // write it to the disk tier; past it, follow the tier's fallback
 };
 
 struct EngineStats {
@@ -38,6 +40,8 @@ struct EngineStats {
   int64_t fetched_bytes = 0;
   int64_t kept_on_device = 0; // offloads refused by the budget (Keep)
   int64_t pageable_spills = 0; // offloads past the budget (Pageable)
+  int64_t disk_spills = 0; // offloads past the budget written to disk (Disk)
+  int64_t read_aheads = 0; // disk reads issued ahead of their prefetch
   int64_t pending_handoffs = 0; // see Note [Source lifetime]
   int64_t live_handles = 0;
 };
@@ -60,7 +64,7 @@ class CopyEngine;
 class Handle {
  public:
   enum class State { Offloaded, Prefetched, Fetched, Released };
-  enum class Placement { Pool, Pageable, Device, Empty };
+  enum class Placement { Pool, Pageable, Device, Empty, Disk };
 
   ~Handle();
   Handle(const Handle&) = delete;
@@ -103,10 +107,13 @@ class Handle {
   const int64_t nbytes_;
   Placement placement_ = Placement::Empty;
   std::atomic<State> state_{State::Offloaded};
-  std::optional<HostBlock> block_; // Pool: the pool buffer behind `host_`
-  at::Tensor host_; // Pool or Pageable: the offloaded bytes
+  // Pool: the pool buffer behind `host_`; Disk: the staging buffer, while
+  // the bytes are in it (Note [The disk tier] in disk_tier.cpp).
+  std::optional<HostBlock> block_;
+  at::Tensor host_; // Pool, Pageable, or Disk while staged: the bytes
+  std::shared_ptr<DiskCopy> disk_; // Disk: the bytes' place on the disk
   at::Tensor device_; // Prefetched, or Device: the tensor on the device
-  Fence d2h_done_; // the offload copy into `host_` finished
+  Fence d2h_done_; // `host_` holds the bytes: offload copy (or disk read) done
   Fence h2d_done_; // the copy from `host_` into `device_` finished
   c10::VariableVersion source_version_{c10::VariableVersion::DISABLED};
 };
@@ -128,6 +135,10 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   // Starts copying the handle's bytes back; false if nothing was issued
   // (already prefetched or fetched, or never left the device).
   bool prefetch(Handle& handle);
+  // Starts reading a handle's bytes from the disk tier into staging, ahead
+  // of its prefetch; false if nothing was issued (not on disk, already
+  // staged, or the staging limit reached).
+  bool read_ahead(Handle& handle);
   // The tensor back on the device, ready for work on the current stream.
   at::Tensor fetch(Handle& handle);
   // Returns what `handle` still holds; idempotent.
@@ -136,6 +147,10 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   void synchronize();
 
   void set_over_budget(OverBudget policy);
+  // The tier over_budget='disk' writes to (null: none), and what offloads do
+  // past its budget or after it failed (Keep, Pageable or Error).
+  void set_disk_tier(std::shared_ptr<DiskTier> tier, OverBudget fallback);
+  std::shared_ptr<DiskTier> disk_tier();
   void set_max_pending(int64_t max_pending);
   EngineStats stats();
   void reset_stats();
@@ -180,12 +195,26 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   // Gives a pending entry's memory to the caching allocator, which reuses it
   // only after the copy; see Note [Source lifetime].
   void hand_off(Pending& entry, std::vector<at::Tensor>& dropped);
-  // Queues a blocking copy on the worker; see Note [Pageable copies off the
-  // compute thread].
+  // Queues a blocking copy, after `after`, on the worker or, if `tier` is
+  // given, on its reader thread; see Note [Pageable copies off the compute
+  // thread].
   Fence copy_on_worker(
       const c10::Stream& stream,
       at::Tensor destination,
-      at::Tensor source);
+      at::Tensor source,
+      DiskTier* tier = nullptr,
+      Fence after = Fence());
+  // Gives the handle a place on the disk tier and a staging buffer as
+  // `host_`; returns why it could not ("" on success). Unlocks `lock` while
+  // it waits for staging.
+  std::string spill_to_disk(Handle& handle, std::unique_lock<std::mutex>& lock);
+  // The writer thread's report that `handle`'s write is over.
+  void on_written(const std::weak_ptr<Handle>& handle, const std::string& error);
+  // Queues the read of a handle whose bytes are on disk only into a staging
+  // buffer; false if `wait` is Never and the staging limit is reached.
+  bool start_read(Handle& handle, DiskTier::Wait wait);
+  // Gives the handle's host buffer back to the pool it came from.
+  void release_block(Handle& handle, Fence last_use);
   void poll_pending(std::vector<at::Tensor>& dropped);
   void copy_to_device(Handle& handle);
   void release_locked(Handle& handle, std::vector<at::Tensor>& dropped);
@@ -214,6 +243,8 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   std::deque<Pending> pending_;
   size_t max_pending_ = 32;
   OverBudget over_budget_ = OverBudget::Keep;
+  std::shared_ptr<DiskTier> disk_tier_;
+  OverBudget disk_fallback_ = OverBudget::Error;
   EngineStats stats_;
   int64_t next_id_ = 0;
 

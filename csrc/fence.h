@@ -4,11 +4,13 @@
 #include <c10/core/Stream.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace gcoffload {
 
@@ -20,8 +22,8 @@ namespace gcoffload {
 // A third kind is completed by a host thread (`host_signal`): the copy behind it
 // ran on that thread with blocking copies, so once it is signalled the device
 // holds nothing more to wait for (Note [Pageable copies off the compute
-// thread]). Copies share the underlying state: a fence is a value, cheap to
-// pass around.
+// thread]); a fourth (`all`) joins others. Copies share the underlying
+// state: a fence is a value, cheap to pass around.
 class Fence {
  public:
   // A fence that is already complete.
@@ -50,6 +52,13 @@ class Fence {
     return fence;
   }
 
+  // A fence done once every one of `fences` is.
+  static Fence all(std::vector<Fence> fences) {
+    Fence fence;
+    fence.all_ = std::make_shared<const std::vector<Fence>>(std::move(fences));
+    return fence;
+  }
+
   // Completes a `host_signal` fence; `error` (if not empty) is raised by
   // every later wait on it.
   void signal(std::string error = {}) const {
@@ -68,6 +77,11 @@ class Fence {
 
   // True once all work queued before the fence has finished.
   bool done() const {
+    if (all_) {
+      return std::all_of(all_->begin(), all_->end(), [](const Fence& fence) {
+        return fence.done();
+      });
+    }
     if (host_) {
       std::lock_guard<std::mutex> lock(host_->mutex);
       return host_->done;
@@ -79,7 +93,11 @@ class Fence {
   // `host_signal` fence has nothing on the device to wait for: the calling
   // thread waits until it is signalled.
   void block(const c10::Stream& stream) const {
-    if (host_) {
+    if (all_) {
+      for (const Fence& fence : *all_) {
+        fence.block(stream);
+      }
+    } else if (host_) {
       wait_on_host();
     } else if (event_) {
       event_->block(stream);
@@ -88,7 +106,11 @@ class Fence {
 
   // Blocks the calling host thread until the fence is done.
   void synchronize() const {
-    if (host_) {
+    if (all_) {
+      for (const Fence& fence : *all_) {
+        fence.synchronize();
+      }
+    } else if (host_) {
       wait_on_host();
     } else if (event_) {
       event_->synchronize();
@@ -122,6 +144,7 @@ class Fence {
 
   std::shared_ptr<c10::Event> event_;
   std::shared_ptr<HostSignal> host_;
+  std::shared_ptr<const std::vector<Fence>> all_;
   std::chrono::steady_clock::time_point wall_clock_{};
 };
 

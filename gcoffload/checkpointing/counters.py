@@ -108,12 +108,19 @@ def stats() -> dict[str, Any]:
     has a copy engine, its copies: ``offloads``, ``offloaded_bytes``,
     ``prefetches``, ``fetches``, ``prefetch_hits``, ``on_demand_fetches``,
     ``fetched_bytes``, ``kept_on_device``, ``pageable_spills``,
-    ``pending_handoffs``, ``live_handles``.
+    ``disk_spills``, ``read_aheads``, ``pending_handoffs``, ``live_handles``.
 
     ``pools``, per device type: ``reserved_bytes``, ``in_use_bytes``,
     ``peak_in_use_bytes``, ``host_alloc_calls``, ``alloc_failures`` (host
     allocations refused), ``reuse_hits`` (acquires served without a host
     allocation), ``spills``, ``slabs``, ``budget_bytes``.
+
+    ``disks``, per device type while ``over_budget="disk"``: the disk tier's
+    ``bytes_on_disk`` (and peak), its writes and reads (count, bytes, seconds
+    and bytes per second), ``stall_seconds`` (training threads waiting for
+    it), ``hidden_fraction`` (the share of its transfer time nobody waited
+    for), staging bytes, and its directory and whether it bypasses the page
+    cache (``direct``); see :func:`~gcoffload.engine.registry.disk_stats`.
 
     ``last_step`` holds each device's counters for the last finished training
     step alone (see :func:`end_step`), ``steps`` how many steps have finished
@@ -126,6 +133,7 @@ def stats() -> dict[str, Any]:
         "last_step": {str(device): last_step(device) for device in devices},
         "steps": max((counters.finished_steps for counters in _devices.values()), default=0),
         "pools": registry.pool_stats(),
+        "disks": registry.disk_stats(),
         "settings": registry.settings(),
     }
 

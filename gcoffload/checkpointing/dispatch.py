@@ -26,7 +26,9 @@ from .options import OffloadOptions
 __all__ = ["checkpoint", "checkpoint_with", "path", "run", "run_plainly"]
 
 _DEFAULT_OPTIONS = OffloadOptions()
-_OPTION_NAMES = frozenset(("offload", "prefetch_depth", "keep_resident", "min_offload_bytes"))
+_OPTION_NAMES = frozenset(
+    ("offload", "prefetch_depth", "disk_read_ahead", "keep_resident", "min_offload_bytes")
+)
 
 
 def checkpoint(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:

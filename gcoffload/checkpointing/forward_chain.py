@@ -6,7 +6,8 @@ Every unit a forward pass parks in host memory, a checkpointed layer's
 unit saved just before it on the same device by the same thread. The backward
 pass meets the units in reverse order: when it reaches one, it prefetches the
 ``prefetch_depth`` units linked before it, which it needs next, whatever their
-kind. The first unit of a chain is the last one backward fetches on its
+kind, and has the disk tier read the ``disk_read_ahead`` units before those
+into pinned staging. The first unit of a chain is the last one backward fetches on its
 device: fetching it ends the device's training step for :func:`gcoffload.stats`.
 
 The chain holds weak references only: autograd owns the units (Note [Who owns
@@ -38,6 +39,10 @@ class ChainUnit(Protocol):
         ...
 
     def prefetch(self) -> None: ...
+
+    def read_ahead(self) -> None:
+        """Starts reading what the disk tier holds of the unit into pinned staging (no-op otherwise)."""
+        ...
 
 
 class ForwardChain:

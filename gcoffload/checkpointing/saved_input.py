@@ -105,6 +105,7 @@ class SavedInput:
         counts: the device's layer counters.
         prefetch_depth: how many of the inputs saved before this one to prefetch when it is unpacked.
         device: ``tensor.device``.
+        disk_read_ahead: how many inputs before those to read ahead from the disk tier.
     """
 
     __slots__ = (
@@ -112,6 +113,7 @@ class SavedInput:
         "_fetched",
         "counts",
         "device",
+        "disk_read_ahead",
         "engine",
         "handle",
         "layer",
@@ -128,8 +130,10 @@ class SavedInput:
         counts: Counter[str],
         prefetch_depth: int,
         device: torch.device,
+        disk_read_ahead: int = 0,
     ) -> None:
         self.device = device
+        self.disk_read_ahead = disk_read_ahead
         self.counts = counts
         self.prefetch_depth = prefetch_depth
         self.engine: CopyEngine | None = None  # the device's copy engine, once the input is offloaded
@@ -154,6 +158,10 @@ class SavedInput:
     def prefetch(self) -> None:
         if self.handle is not None:
             self.engine.prefetch(self.handle)
+
+    def read_ahead(self) -> None:
+        if self.handle is not None:
+            self.engine.read_ahead(self.handle)
 
     def unpack(self) -> torch.Tensor:
         """The input on the device, for its layer's recompute. Repeated calls return the same tensor.
@@ -181,7 +189,7 @@ class SavedInput:
             raise_modified_in_place(what, current, self.version, self.layer)
         self.counts["recomputes"] += 1
         if self._fetched is None:
-            prefetch_predecessors(self, self.prefetch_depth, self.device)
+            prefetch_predecessors(self, self.prefetch_depth, self.device, self.disk_read_ahead)
             if self.tensor is not None:
                 self._fetched = self.tensor
                 self.counts["kept_resident"] += 1
@@ -239,15 +247,20 @@ def raise_modified_in_place(what: str, current: int, expected: int, layer: objec
     )
 
 
-def prefetch_predecessors(unit: ChainUnit, depth: int, device: torch.device) -> None:
+def prefetch_predecessors(unit: ChainUnit, depth: int, device: torch.device, read_ahead: int = 0) -> None:
     """Starts copying back the ``depth`` units linked before ``unit``: backward needs them next.
 
-    Nothing is issued while ``device``'s stream captures a graph (Note [Graph capture]).
+    The ``read_ahead`` units before those start coming off the disk tier, if
+    it holds them, into pinned staging. Nothing is issued while ``device``'s
+    stream captures a graph (Note [Graph capture]).
     """
-    waiting = [earlier for earlier in predecessors(unit, depth) if earlier.waiting]
+    waiting = [earlier for earlier in predecessors(unit, depth + read_ahead) if earlier.waiting]
     if waiting and not capturing(device):
-        for earlier in waiting:
-            earlier.prefetch()
+        for index, earlier in enumerate(waiting):
+            if index < depth:
+                earlier.prefetch()
+            else:
+                earlier.read_ahead()
 
 
 def capturing(device: torch.device) -> bool:
@@ -300,7 +313,7 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
         counts["kept_during_capture"] += 1
         offloads = False
     chain = chain_of(device)
-    saved = SavedInput(tensor, layer, counts, options.prefetch_depth, device)
+    saved = SavedInput(tensor, layer, counts, options.prefetch_depth, device, options.disk_read_ahead)
     link(chain, saved)
     if offloads:
         chain.window.append(weakref.ref(saved))

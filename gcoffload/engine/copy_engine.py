@@ -38,7 +38,7 @@ class Handle(Protocol):
     dtype: torch.dtype
     nbytes: int
     state: str  # "offloaded", "prefetched", "fetched" or "released"
-    placement: str  # "pool", "pageable", "device" (kept by the budget) or "empty"
+    placement: str  # "pool", "pageable", "disk", "device" (kept by the budget) or "empty"
     source_version: int  # the offloaded tensor's version counter now (Note [Watched versions])
 
     def release(self) -> None: ...
@@ -79,7 +79,8 @@ class CopyEngine:
                 or functional tensor, a sub-byte dtype). Nothing is allocated.
             RuntimeError: it lives on another device, or no host buffer can be
                 had (budget exhausted, or pinned memory refused by the host)
-                under ``over_budget="error"``.
+                under ``over_budget="error"``, or the disk tier cannot take
+                it under ``disk_fallback="error"``.
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"offload: tensor must be a torch.Tensor, got {type(tensor).__name__}")
@@ -94,6 +95,15 @@ class CopyEngine:
         """
         return self._impl.prefetch(self._check(handle, "prefetch"))
 
+    def read_ahead(self, handle: Handle) -> bool:
+        """Starts reading ``handle`` from the disk tier into pinned staging, ahead of :meth:`prefetch`.
+
+        Returns:
+            False when nothing was issued: not on disk, already in staging,
+            or the staging limit (``disk_staging_bytes``) reached.
+        """
+        return self._impl.read_ahead(self._check(handle, "read_ahead"))
+
     def fetch(self, handle: Handle) -> torch.Tensor:
         """Returns ``handle``'s tensor on the device, usable on the current stream.
 
@@ -103,7 +113,7 @@ class CopyEngine:
         return self._impl.fetch(self._check(handle, "fetch"))
 
     def synchronize(self) -> None:
-        """Blocks until every copy issued so far has finished."""
+        """Blocks until every copy issued so far, and every disk transfer, has finished."""
         self._impl.synchronize()
 
     def reserve(self, nbytes: int) -> None:

@@ -33,7 +33,7 @@ __all__ = ["CppExtension", "ExtensionInfo", "cache_root", "extension_info", "is_
 CACHE_DIR_ENV = "GCOFFLOAD_CACHE_DIR"
 VERBOSE_BUILD_ENV = "GCOFFLOAD_VERBOSE_BUILD"
 
-_SOURCES = ("pinned_pool.cpp", "copy_engine.cpp", "bindings.cpp")
+_SOURCES = ("pinned_pool.cpp", "disk_file.cpp", "disk_tier.cpp", "copy_engine.cpp", "bindings.cpp")
 _CFLAGS = ("-O3", "-Wall", "-Wextra", "-Wno-unused-parameter")
 _COMPLETE_MARKER = "build.complete"
 _ERROR_CONTEXT_LINES = 25

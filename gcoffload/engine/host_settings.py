@@ -1,9 +1,10 @@
-"""How the host pools behave: the pinned-memory budget, what happens past it, slab size, pending copies.
+"""How the host pools behave: the pinned budget, what goes past it, slab size, pending copies, the disk tier.
 
 Settings are process-wide and shared by every engine of a device type. The
 default budget is one node's: half of physical memory divided by the
 processes on the node (:func:`processes_on_this_node`), worked out when first
-needed, so that a launcher's ``torch.distributed`` setup is seen.
+needed, so that a launcher's ``torch.distributed`` setup is seen. The disk
+tier's directory defaults to ``$GCOFFLOAD_DISK_DIR``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "DISK_DIR_ENV",
+    "DISK_FALLBACK_POLICIES",
     "LOCAL_SIZE_VARIABLES",
     "MAX_PENDING_LIMIT",
     "OVER_BUDGET_POLICIES",
@@ -22,7 +25,10 @@ __all__ = [
     "processes_on_this_node",
 ]
 
-OVER_BUDGET_POLICIES = ("keep", "pageable", "error")
+OVER_BUDGET_POLICIES = ("keep", "pageable", "error", "disk")
+# What an offload does when the disk tier cannot take it (past its budget, or after a failed write).
+DISK_FALLBACK_POLICIES = ("error", "keep", "pageable")
+DISK_DIR_ENV = "GCOFFLOAD_DISK_DIR"
 # Set by launchers to the number of processes on this node, in this order of trust.
 LOCAL_SIZE_VARIABLES = (
     "LOCAL_WORLD_SIZE",  # torchrun, accelerate launch
@@ -93,6 +99,11 @@ class HostSettings:
         self.over_budget = "keep"
         self.slab_bytes = 256 << 20
         self.max_pending = 32
+        self.disk_dir: str | None = os.environ.get(DISK_DIR_ENV) or None
+        self.disk_budget_bytes: int | None = None
+        self.disk_staging_bytes = 512 << 20
+        self.disk_fallback = "error"
+        self.disk_checksums = False
 
     def as_dict(self) -> dict[str, Any]:
         # Resolved late, so that a launcher's torch.distributed setup is seen.
@@ -115,3 +126,20 @@ class HostSettings:
         pending = updates.get("max_pending", 1)
         if not (_is_non_negative_int(pending) and 1 <= pending <= MAX_PENDING_LIMIT):
             raise ValueError(f"max_pending must be an int from 1 to {MAX_PENDING_LIMIT}, got {pending!r}")
+        directory = updates.get("disk_dir")
+        if directory is not None and not isinstance(directory, (str, os.PathLike)):
+            raise ValueError(f"disk_dir must be None or a path to a directory, got {directory!r}")
+        disk_budget = updates.get("disk_budget_bytes")
+        if disk_budget is not None and not (_is_non_negative_int(disk_budget) and disk_budget <= INT64_MAX):
+            raise ValueError(
+                f"disk_budget_bytes must be None or an int from 0 to 2**63 - 1, got {disk_budget!r}"
+            )
+        staging = updates.get("disk_staging_bytes", 1)
+        if not (_is_non_negative_int(staging) and 1 <= staging <= INT64_MAX):
+            raise ValueError(f"disk_staging_bytes must be an int from 1 to 2**63 - 1, got {staging!r}")
+        fallback = updates.get("disk_fallback", DISK_FALLBACK_POLICIES[0])
+        if fallback not in DISK_FALLBACK_POLICIES:
+            raise ValueError(f"disk_fallback must be one of {DISK_FALLBACK_POLICIES}, got {fallback!r}")
+        checksums = updates.get("disk_checksums", False)
+        if not isinstance(checksums, bool):
+            raise ValueError(f"disk_checksums must be True or False, got {checksums!r}")

@@ -1,4 +1,4 @@
-"""One copy engine per device, one host pool per device type, and the settings they share.
+"""One copy engine per device, one host pool and disk tier per device type, and the settings they share.
 
 Nothing here builds the C++ extension until an engine or a pool is first
 needed: :func:`existing_engines` and :func:`pool_stats` report only what
@@ -7,6 +7,7 @@ exists, so plain checkpointing (``offload=False``) never touches it.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -14,15 +15,18 @@ import torch
 
 from . import extension
 from .copy_engine import CopyEngine
-from .host_settings import HostSettings
+from .host_settings import DISK_DIR_ENV, HostSettings
 
-__all__ = ["configure", "existing_engines", "get_engine", "pool_stats", "settings"]
+__all__ = ["configure", "disk_stats", "existing_engines", "get_engine", "pool_stats", "settings"]
 
 _UNSET: Any = object()
 _settings = HostSettings()
 _lock = threading.Lock()
 _pools: dict[str, Any] = {}
 _engines: dict[torch.device, CopyEngine] = {}
+_tiers: dict[str, Any] = {}  # the disk tier of each device type, while over_budget is "disk"
+_faults: Any = None  # the tiers' fault injector, made by _fault_injector() for the tests
+_DISK_SETTINGS = ("over_budget", "disk_dir", "disk_budget_bytes", "disk_staging_bytes", "disk_checksums")
 
 
 def _normalize_device(device: torch.device | str | int | None) -> torch.device:
@@ -74,6 +78,36 @@ def _pool(device_type: str) -> Any:
     return pool
 
 
+def _open_tier(device_type: str, current: dict[str, Any]) -> Any:
+    """A new disk tier for ``device_type`` under the ``current`` settings (its file is created now).
+
+    Raises:
+        ValueError: no ``disk_dir`` is set.
+        RuntimeError: the file cannot be created there; the message says why.
+    """
+    if current["disk_dir"] is None:
+        raise ValueError(
+            f"over_budget='disk' needs a directory on a local disk: pass disk_dir=... to "
+            f"gcoffload.configure or set {DISK_DIR_ENV}"
+        )
+    return extension.load().DiskTier(
+        device_type,
+        os.fspath(current["disk_dir"]),
+        current["disk_budget_bytes"],
+        current["disk_staging_bytes"],
+        current["disk_checksums"],
+        _faults,
+    )
+
+
+def _fault_injector() -> Any:
+    """Test hook: the injector of the tiers opened from now on (``arm`` it to make their file calls fail)."""
+    global _faults
+    if _faults is None:
+        _faults = extension.load().FaultInjector()
+    return _faults
+
+
 def get_engine(device: torch.device | str | int | None = None) -> CopyEngine:
     """The copy engine of ``device`` (created, and the extension built, on first use).
 
@@ -98,8 +132,12 @@ def get_engine(device: torch.device | str | int | None = None) -> CopyEngine:
         engine = _engines.get(device)
         if engine is None:
             impl = extension.load().CopyEngine(device, _pool(device.type))
-            impl.set_over_budget(_settings.over_budget)
-            impl.set_max_pending(_settings.max_pending)
+            current = _settings.as_dict()
+            if current["over_budget"] == "disk" and device.type not in _tiers:
+                _tiers[device.type] = _open_tier(device.type, current)
+            impl.set_disk_tier(_tiers.get(device.type), current["disk_fallback"])
+            impl.set_over_budget(current["over_budget"])
+            impl.set_max_pending(current["max_pending"])
             engine = _engines[device] = CopyEngine(impl)
     return engine
 
@@ -117,6 +155,31 @@ def pool_stats() -> dict[str, dict[str, int]]:
 def reset_pool_peaks() -> None:
     for pool in _pools.values():
         pool.reset_peak()
+    for tier in _tiers.values():
+        tier.reset_stats()
+
+
+def disk_stats() -> dict[str, dict[str, Any]]:
+    """The disk tiers in use, by device type: their counters, and the rates and hidden share they give.
+
+    ``write_bytes_per_second`` and ``read_bytes_per_second`` are the bytes
+    moved over the I/O threads' time in transfers; ``hidden_fraction`` is the
+    share of that time no training thread waited for (None before any
+    transfer).
+    """
+    report = {}
+    for device_type, tier in _tiers.items():
+        stats = tier.stats()
+        busy = stats["write_seconds"] + stats["read_seconds"]
+        stats["write_bytes_per_second"] = _rate(stats["written_bytes"], stats["write_seconds"])
+        stats["read_bytes_per_second"] = _rate(stats["read_bytes"], stats["read_seconds"])
+        stats["hidden_fraction"] = max(0.0, 1.0 - stats["stall_seconds"] / busy) if busy > 0 else None
+        report[device_type] = stats
+    return report
+
+
+def _rate(nbytes: int, seconds: float) -> float | None:
+    return nbytes / seconds if seconds > 0 else None
 
 
 def settings() -> dict[str, Any]:
@@ -130,6 +193,11 @@ def configure(
     over_budget: str = _UNSET,
     slab_bytes: int = _UNSET,
     max_pending: int = _UNSET,
+    disk_dir: str | os.PathLike | None = _UNSET,
+    disk_budget_bytes: int | None = _UNSET,
+    disk_staging_bytes: int = _UNSET,
+    disk_fallback: str = _UNSET,
+    disk_checksums: bool = _UNSET,
 ) -> dict[str, Any]:
     """Sets how the host pools behave; applies to existing and future engines.
 
@@ -145,7 +213,8 @@ def configure(
         over_budget: what an offload does past the cap, or when the host
             refuses pinned memory: ``"keep"`` leaves the tensor on the device
             (default), ``"pageable"`` copies into ordinary host memory
-            (slower), ``"error"`` raises.
+            (slower), ``"error"`` raises, ``"disk"`` writes it to a file in
+            ``disk_dir`` (the disk tier, README "Past host memory: the disk").
         slab_bytes: the largest host allocation the pool grows by, a power of
             two from 512 to 2**62 (default 256 MiB). Slabs start at 1 MiB (or
             slab_bytes if smaller) and double with demand.
@@ -153,12 +222,27 @@ def configure(
             the engine holds itself; past this many, the oldest goes to the
             device's caching allocator, which reuses its memory only after
             the copy (``record_stream``). From 1 to 65536 (default 32).
+        disk_dir: the directory, on a local disk, of the disk tier's file
+            (default ``$GCOFFLOAD_DISK_DIR``). The file has no name, so
+            nothing is left there when the process ends, however it ends.
+        disk_budget_bytes: cap on the bytes the disk tier holds per device
+            type; None (default) for as much as the disk takes.
+        disk_staging_bytes: pinned host memory, beyond the host budget, that
+            transfers to and from the disk go through (default 512 MiB); it
+            grows to hold at least one tensor.
+        disk_fallback: what an offload does when the disk tier cannot take it
+            (its budget is full, or a write failed): ``"error"`` raises
+            (default), ``"keep"`` and ``"pageable"`` as for ``over_budget``.
+        disk_checksums: hash every tensor written to the disk and check it
+            when read back (a debug mode; default False).
 
     Returns:
         The settings now in force.
 
     Raises:
         ValueError: a value is out of range; the message names it.
+        RuntimeError: the disk tier's file cannot be created in ``disk_dir``
+            (missing or read-only directory); the message says why.
     """
     updates = {
         name: value
@@ -167,16 +251,33 @@ def configure(
             ("over_budget", over_budget),
             ("slab_bytes", slab_bytes),
             ("max_pending", max_pending),
+            ("disk_dir", disk_dir),
+            ("disk_budget_bytes", disk_budget_bytes),
+            ("disk_staging_bytes", disk_staging_bytes),
+            ("disk_fallback", disk_fallback),
+            ("disk_checksums", disk_checksums),
         )
         if value is not _UNSET
     }
     HostSettings.check(updates)
     with _lock:
         current = {**_settings.as_dict(), **updates}
+        tiers = dict(_tiers)
+        if any(name in updates for name in _DISK_SETTINGS):
+            # Opened before anything is stored: a directory that cannot take the file changes nothing.
+            in_use = {engine.device.type for engine in _engines.values()}
+            tiers = {}
+            if current["over_budget"] == "disk":
+                # With no engine yet, a tier opened and dropped checks the directory.
+                tiers = {device_type: _open_tier(device_type, current) for device_type in in_use or ("cpu",)}
+                tiers = {device_type: tier for device_type, tier in tiers.items() if device_type in in_use}
         for pool in _pools.values():
             pool.set_budget(current["host_budget_bytes"])
             pool.set_slab_bytes(current["slab_bytes"])
+        _tiers.clear()
+        _tiers.update(tiers)
         for engine in _engines.values():
+            engine._impl.set_disk_tier(_tiers.get(engine.device.type), current["disk_fallback"])
             engine._impl.set_over_budget(current["over_budget"])
             engine._impl.set_max_pending(current["max_pending"])
         for name, value in updates.items():

@@ -221,6 +221,10 @@ class SwappedStorage:
         if self.handle is not None:
             self.engine.prefetch(self.handle)
 
+    def read_ahead(self) -> None:
+        if self.handle is not None:
+            self.engine.read_ahead(self.handle)
+
     def fetch(self) -> tuple[torch.UntypedStorage, int]:
         """The span back on the device (fetched once, then reused), and its start in the old storage."""
         if self.fetched is None:
@@ -300,6 +304,14 @@ class SwappedGroup:
         """A later unit's backward pass asks for the group: copies it back if the group is prefetched."""
         if self.waiting:
             self._copy_back()
+
+    def read_ahead(self) -> None:
+        """An input's backward pass asks further ahead: the disk tier reads what it holds of the group."""
+        if self.waiting:
+            for reference in reversed(self.storages):
+                storage = reference()
+                if storage is not None:
+                    storage.read_ahead()
 
     def _copy_back(self) -> None:
         """Starts copying every storage of the group back, last saved first (the order backward needs)."""
