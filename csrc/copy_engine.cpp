@@ -527,11 +527,7 @@ at::Tensor CopyEngine::fetch(Handle& handle) {
             .count());
   }
   if (handle.block_) {
-    // A staging buffer may still be read by its write.
-    release_block(
-        handle,
-        handle.disk_ ? Fence::all({handle.h2d_done_, handle.disk_->written})
-                     : handle.h2d_done_);
+    release_block(handle, handle.h2d_done_);
   }
   dropped.push_back(std::move(handle.host_));
   handle.disk_.reset();
@@ -635,13 +631,10 @@ void CopyEngine::release_locked(
     }
   }
   if (handle.block_) {
-    Fence last_use = state == Handle::State::Prefetched ? handle.h2d_done_
-                                                        : handle.d2h_done_;
-    if (handle.disk_) {
-      // A staging buffer may still be read by its write.
-      last_use = Fence::all({std::move(last_use), handle.disk_->written});
-    }
-    release_block(handle, std::move(last_use));
+    release_block(
+        handle,
+        state == Handle::State::Prefetched ? handle.h2d_done_
+                                           : handle.d2h_done_);
   }
   dropped.push_back(std::move(handle.host_));
   dropped.push_back(std::move(handle.device_));

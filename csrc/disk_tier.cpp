@@ -29,7 +29,10 @@ namespace gcoffload {
 //    from there, no read needed.
 // Reads wait for the place's write, whatever thread is ahead. A place goes
 // back only when the transfers touching it are done (DiskCopy's fences), so a
-// new write never lands where a read still runs.
+// new write never lands where a read still runs. A staging buffer goes back
+// when the copies between it and the device are done, even if its write
+// still runs: that happens only once its tensor was fetched or dropped, when
+// what the write reads no longer matters (the write holds the memory itself).
 // Errors: a failed write keeps the tensor in its staging buffer, so nothing
 // is lost; the tier then takes no more writes, and the engine follows
 // disk_fallback for later offloads (raising the write's error under 'error').

@@ -55,6 +55,7 @@ def info(args: argparse.Namespace) -> int:
         ),
         "extension": {"built": built.built, "path": str(built.library), "sources": str(built.source_dir)},
         "settings": registry.settings(),
+        "disk_tier": registry.disk_stats() or "off (configure(over_budget='disk', disk_dir=...) turns it on)",
         "stats": counters.stats(),
     }
     if args.json:

@@ -11,7 +11,9 @@ import pytest
 
 import gcoffload
 from gcoffload.autopilot import CopyProfile, LayerProfile, Mode, Profile
+from gcoffload.autopilot.disk_time import exposed_disk_seconds
 from gcoffload.autopilot.planner import _RESOLUTION
+from gcoffload.autopilot.profile import DiskRates
 
 MiB = 1 << 20
 GPU_COPIES = CopyProfile(50e9, 50e9, 87e9, overlaps_compute=True, nbytes=16 * MiB)
@@ -273,3 +275,47 @@ def test_bad_arguments(arguments, message):
         gcoffload.autopilot.fastest_plan(decoder_profile(2, 1, 1.0), **arguments)
     with pytest.raises(TypeError, match="profile must be a gcoffload Profile"):
         gcoffload.autopilot.fastest_plan("profile", 1 << 30)
+
+
+class TestDiskTier:
+    """Plans under ``over_budget="disk"``: Note [The disk tier in the plan]."""
+
+    @staticmethod
+    def at_least_memory(profile: Profile, host_budget: int) -> gcoffload.autopilot.Plan:
+        least = gcoffload.autopilot.least_memory(profile)
+        return gcoffload.autopilot.fastest_plan(profile, least.peak_bytes, host_budget=host_budget)
+
+    def test_what_the_host_budget_cannot_hold_goes_to_disk_in_the_engines_order(self) -> None:
+        profile = decoder_profile(8, input_mib=64, forward_ms=20)
+        fast = dataclasses.replace(profile, disk=DiskRates(100e9, 100e9))
+        plan = self.at_least_memory(fast, host_budget=3 * 64 * MiB)
+        offloaded = [index for index, mode in enumerate(plan.modes) if mode is Mode.OFFLOAD]
+        assert len(offloaded) >= 4
+        assert plan.disk_bytes == (len(offloaded) - 3) * 64 * MiB  # the first three fill the host
+        assert self.at_least_memory(profile, host_budget=3 * 64 * MiB).disk_bytes == 0  # no rates: no disk
+
+    def test_the_step_time_adds_the_disks_waits_and_reads_ahead_as_far_as_they_need(self) -> None:
+        profile = decoder_profile(8, input_mib=64, forward_ms=20)
+        fast = self.at_least_memory(dataclasses.replace(profile, disk=DiskRates(100e9, 100e9)), 0)
+        slow = self.at_least_memory(dataclasses.replace(profile, disk=DiskRates(1e9, 1e9)), 0)
+        assert fast.modes == slow.modes
+        # Only the last layer's read waits (it starts at the turn); the others hide behind 60 ms backwards.
+        assert fast.disk_seconds == pytest.approx(64 * MiB / 100e9)
+        without = fast.step_seconds - fast.disk_seconds
+        assert slow.disk_seconds > 0.05 and slow.step_seconds == pytest.approx(without + slow.disk_seconds)
+        # A 67 ms read needs two 60 ms backward passes: read two layers ahead, one of them the prefetch's.
+        assert fast.disk_read_ahead == 1 and slow.disk_read_ahead == 2
+
+    def test_exposed_disk_seconds_by_hand(self) -> None:
+        # Two layers of 1 s forward, 2 s backward; layer 0's 1 GB input on a 1 GB/s drive: written in
+        # layer 0's forward, read from the turn (t=2) until t=3, while layer 1's backward runs to t=4.
+        assert (
+            exposed_disk_seconds(
+                [1, 1], [2, 2], [10**9, 0], read_bytes_per_second=1e9, write_bytes_per_second=1e9
+            )
+            == 0
+        )
+        # Read at 0.25 GB/s: done at t=6, two seconds after layer 0's backward could start.
+        assert exposed_disk_seconds(
+            [1, 1], [2, 2], [10**9, 0], read_bytes_per_second=0.25e9, write_bytes_per_second=1e9
+        ) == pytest.approx(2.0)

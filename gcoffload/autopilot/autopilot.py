@@ -35,6 +35,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,12 +48,12 @@ from ..checkpointing.saved_input import can_save
 from ..engine import get_engine, registry
 from ..swapping import run_swapped
 from .budget import MemoryBudget, gradient_bytes_to_come
-from .measure import LayerMeter, measure_copies
+from .measure import LayerMeter, measure_copies, measure_disk
 from .mode_options import ModeOptions
 from .passes import PassTracker
 from .plan_cache import PlanCache, bucket_tokens, tokens_of
 from .planner import Mode, Plan, fastest_plan, least_memory
-from .profile import CopyProfile, LayerProfile, Profile
+from .profile import CopyProfile, DiskRates, LayerProfile, Profile
 from .profile_step import ProfileStep
 
 __all__ = ["Autopilot"]
@@ -106,6 +107,7 @@ class Autopilot:
         self.plan_in_force: Plan | None = None  # the plan of the current pass
         self._on_plan = on_plan
         self._copies: dict[tuple[torch.device, int], CopyProfile] = {}
+        self._disks: dict[str, DiskRates] = {}
         self._modes = ModeOptions(options)
         self._passes = PassTracker()
         self._profiling: ProfileStep | None = None
@@ -324,6 +326,13 @@ class Autopilot:
             self._copies[key] = measure_copies(get_engine(device), nbytes)
         return self._copies[key]
 
+    def _disk_rates(self) -> DiskRates:
+        """The disk tier's directory measured once (Note [The disk tier in the plan])."""
+        directory = registry.settings()["disk_dir"]
+        if directory not in self._disks:
+            self._disks[directory] = measure_disk(directory)
+        return self._disks[directory]
+
     def _adopt(self, bucket: int, profile: Profile, budget: int) -> Plan:
         new_plan = self._plan(profile.scaled(bucket), budget)
         self.cache.store(bucket, new_plan, profile)
@@ -337,6 +346,8 @@ class Autopilot:
         Raises:
             ValueError: a budget the user gave is below the least memory the layers take.
         """
+        if registry.settings()["over_budget"] == "disk":
+            profile = replace(profile, disk=self._disk_rates())
         try:
             return fastest_plan(
                 profile,

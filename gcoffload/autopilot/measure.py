@@ -41,11 +41,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..checkpointing.layer_call import LayerCall, flatten_arguments
 from ..checkpointing.options import DEFAULT_MIN_OFFLOAD_BYTES
-from ..engine import CopyEngine
+from ..engine import CopyEngine, extension
 from ..swapping.region import SwapRegion
-from .profile import CopyProfile, LayerProfile, Profile
+from .profile import CopyProfile, DiskRates, LayerProfile, Profile
 
-__all__ = ["BackwardClock", "LayerMeter", "measure_copies", "storage_key"]
+__all__ = ["BackwardClock", "LayerMeter", "measure_copies", "measure_disk", "storage_key"]
 
 
 def storage_key(tensor: torch.Tensor) -> int:
@@ -309,6 +309,12 @@ def measure_copies(engine: CopyEngine, nbytes: int, repeats: int = 3) -> CopyPro
     """
     with engine.uncounted():
         return _time_copies(engine, max(nbytes, 1 << 16), repeats)
+
+
+def measure_disk(directory: str, nbytes: int = 64 << 20, block_bytes: int = 16 << 20) -> DiskRates:
+    """The sequential rates of ``directory`` as the disk tier's file gets them (a fresh unnamed file)."""
+    measured = extension.load().measure_disk_bandwidth(str(directory), nbytes, block_bytes)
+    return DiskRates(measured["read_bytes_per_second"], measured["write_bytes_per_second"])
 
 
 def _time_copies(engine: CopyEngine, nbytes: int, repeats: int) -> CopyProfile:

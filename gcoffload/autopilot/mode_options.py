@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..checkpointing.options import OffloadOptions
 from .planner import Mode, Plan
 
@@ -22,7 +24,9 @@ class ModeOptions:
 
     def __init__(self, options: OffloadOptions) -> None:
         checkpoint = OffloadOptions(False, options.prefetch_depth, 0, options.min_offload_bytes)
-        offload = OffloadOptions(True, options.prefetch_depth, 0, options.min_offload_bytes)
+        offload = OffloadOptions(
+            True, options.prefetch_depth, 0, options.min_offload_bytes, options.disk_read_ahead
+        )
         self.moves = options.offload  # offload and swap may be planned
         # The first pass, profile steps, and layers a plan has no mode for (a plain layer checkpointed
         # after all, one the profile step never saw) take the least memory the options allow.
@@ -39,8 +43,13 @@ class ModeOptions:
     def follow(self, plan: Plan | None) -> None:
         """Layers run as ``plan`` says from now on (None: every layer in the least memory)."""
         modes = plan.modes if plan is not None else ()
+        by_mode = self._by_mode
+        if plan is not None and plan.disk_read_ahead:
+            # Note [The disk tier in the plan]: reads as far ahead as the measured disk needs.
+            moving = replace(by_mode[Mode.OFFLOAD], disk_read_ahead=plan.disk_read_ahead)
+            by_mode = {**by_mode, Mode.OFFLOAD: moving, Mode.SWAP: moving}
         self._planned = tuple(
-            (mode, self._by_mode[mode]) if mode in self._by_mode else self.least_memory for mode in modes
+            (mode, by_mode[mode]) if mode in by_mode else self.least_memory for mode in modes
         )
         self.swap_prefetch = plan.swap_prefetch if plan is not None else True
 

@@ -85,6 +85,18 @@ by one input (Note [The memory model]), and twice more for each way of
 bringing swapped activations back; the faster plan wins. The last layer never
 swaps (its activations would come straight back). Being exact, more budget never
 gives a plan predicted slower.
+
+Note [The disk tier in the plan]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Under ``over_budget="disk"`` the profile carries the disk tier's measured
+rates, and a plan's offloads and swaps that the host budget cannot hold go to
+the disk as the engine sends them: the pool fills in forward order, and every
+layer whose bytes no longer fit goes to disk. The step time then adds the
+disk's waits (Note [The disk in the time model] in disk_time.py), so among
+plans that fit the device budget the fastest one counts the disk too. The
+plan's ``disk_read_ahead`` is how far ahead of the H2D prefetch backward must
+read for the slowest read to hide: the layers whose backward passes its read
+time covers, less the prefetch depth.
 """
 
 from __future__ import annotations
@@ -92,10 +104,11 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .disk_time import exposed_disk_seconds
 from .profile import LayerProfile, Profile
 
 __all__ = [
@@ -169,6 +182,12 @@ class Plan:
         swap_prefetch: whether a swapped layer's activations are prefetched by
             the layers after it (else by its own backward pass, Note [Two ways
             to bring swapped activations back]).
+        disk_bytes: bytes of its offloads and swaps past the host budget, on
+            the disk tier (Note [The disk tier in the plan]).
+        disk_seconds: the part of ``step_seconds`` spent waiting for the disk.
+        disk_read_ahead: how many units ahead of the H2D prefetch backward
+            reads from the disk, so that a read hides behind the backward passes
+            it overlaps.
     """
 
     layers: tuple[LayerPlan, ...]
@@ -180,6 +199,9 @@ class Plan:
     prefetch_depth: int
     host_bytes: int = 0
     swap_prefetch: bool = True
+    disk_bytes: int = 0
+    disk_seconds: float = 0.0
+    disk_read_ahead: int = 0
 
     @property
     def modes(self) -> tuple[Mode, ...]:
@@ -206,6 +228,8 @@ class Plan:
             )
         counts = ", ".join(f"{count} {mode}" for mode, count in self.counts().items())
         host = f", host {_mib(self.host_bytes)}" if self.host_bytes else ""
+        if self.disk_bytes:
+            host += f", disk {_mib(self.disk_bytes)} (waits {self.disk_seconds * 1e3:.3f} ms)"
         rows.append(
             f"total: {counts}; held after forward {_mib(self.held_bytes)}, peak {_mib(self.peak_bytes)} "
             f"of {_mib(self.budget_bytes)}{host}; step {self.step_seconds * 1e3:.3f} ms (predicted)"
@@ -554,7 +578,9 @@ def fastest_plan(
         swap: whether layers may swap (it needs the copy engine, as offloading does).
         host_budget: pinned host bytes a plan's swaps may bring its host
             memory to (None: no limit). Swaps go first, largest first, until it
-            fits; inputs offloaded past it follow ``over_budget`` as always.
+            fits; inputs offloaded past it follow ``over_budget`` as always:
+            to the disk tier, whose waits the plan counts, if the profile
+            has its rates (Note [The disk tier in the plan]).
 
     Returns:
         The plan; all layers kept if that fits.
@@ -608,7 +634,49 @@ def fastest_plan(
                 position for plan in over for position, mode in enumerate(plan.modes) if mode is Mode.SWAP
             }
             no_swap |= {max(swapped, key=lambda position: profile.layers[position].swap_bytes)}
+    if profile.disk is not None and host_budget is not None:
+        plans = [_with_disk(profile, model, plan, host_budget) for plan in plans]
     return min(plans, key=lambda plan: plan.step_seconds)
+
+
+def _with_disk(profile: Profile, model: _Model, plan: Plan, host_budget: int) -> Plan:
+    """``plan`` with what the disk tier adds to it: Note [The disk tier in the plan]."""
+    disk = profile.disk
+    host = 0
+    on_disk = []
+    for layer, mode in zip(profile.layers, plan.modes, strict=True):
+        nbytes = layer.input_bytes if mode is Mode.OFFLOAD else layer.swap_bytes if mode is Mode.SWAP else 0
+        spills = host + nbytes > host_budget
+        host += 0 if spills else nbytes
+        on_disk.append(nbytes if spills else 0)
+    if not any(on_disk):
+        return plan
+    backward = [model.backward_seconds(index, mode) for index, mode in enumerate(plan.modes)]
+    waits = exposed_disk_seconds(
+        [layer.forward_seconds for layer in profile.layers],
+        backward,
+        on_disk,
+        read_bytes_per_second=disk.read_bytes_per_second,
+        write_bytes_per_second=disk.write_bytes_per_second,
+    )
+    ahead = 0
+    for index, nbytes in enumerate(on_disk):
+        if nbytes:
+            read = nbytes / disk.read_bytes_per_second
+            covered, units = 0.0, 0
+            for later in range(index + 1, len(backward)):
+                if covered >= read:
+                    break
+                covered += backward[later]
+                units += 1
+            ahead = max(ahead, units - model.depth + 1)
+    return replace(
+        plan,
+        step_seconds=plan.step_seconds + waits,
+        disk_bytes=sum(on_disk),
+        disk_seconds=waits,
+        disk_read_ahead=max(ahead, 1),
+    )
 
 
 def _programs(profile: Profile, model: _Model, memory_budget: int, *, swaps: bool) -> list[Plan]:

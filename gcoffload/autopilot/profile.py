@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["CopyProfile", "LayerProfile", "Profile"]
+__all__ = ["CopyProfile", "DiskRates", "LayerProfile", "Profile"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,26 @@ class CopyProfile:
 
 
 @dataclass(frozen=True)
+class DiskRates:
+    """The disk tier's sequential rates (``over_budget="disk"``), as measured on its directory.
+
+    Raises:
+        ValueError: a rate is not a positive number.
+    """
+
+    read_bytes_per_second: float
+    write_bytes_per_second: float
+
+    def __post_init__(self) -> None:
+        for name in ("read_bytes_per_second", "write_bytes_per_second"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(
+                    f"DiskRates: {name} must be a positive number of bytes per second, got {value!r}"
+                )
+
+
+@dataclass(frozen=True)
 class Profile:
     """Everything the planner needs: the layers in forward order, the copies, the token count.
 
@@ -151,6 +171,7 @@ class Profile:
             forward time (measured likewise; at most 1).
         arguments: bytes of each argument storage the layers share, by id
             (Note [What a layer holds, by storage]).
+        disk: the disk tier's rates, where host memory spills to one (None: no disk).
     """
 
     layers: tuple[LayerProfile, ...]
@@ -159,6 +180,7 @@ class Profile:
     backward_per_forward: float = 2.0
     recompute_per_forward: float = 1.0
     arguments: tuple[int, ...] = ()
+    disk: DiskRates | None = None
 
     def scaled(self, tokens: int) -> Profile:
         """The profile predicted at ``tokens`` tokens per step, everything linear in tokens.

@@ -20,15 +20,15 @@ class OffloadOptions:
             which never needs the C++ extension.
         prefetch_depth: in the backward pass of layer ``i``, start copying back
             the inputs of layers ``i-1 .. i-prefetch_depth`` (0: fetch on demand).
+        keep_resident: the most recent inputs of a forward pass that stay on the
+            device, because backward needs them first.
+        min_offload_bytes: inputs smaller than this stay on the device (default
+            1 MiB: a tiny model's inputs are all smaller, so it offloads nothing).
         disk_read_ahead: inputs the disk tier holds (``over_budget="disk"``) are
             read into pinned staging this many layers further ahead than
             ``prefetch_depth``, within ``disk_staging_bytes`` (0: read when
             the prefetch needs them). The autopilot sets it from the measured
             disk bandwidth.
-        keep_resident: the most recent inputs of a forward pass that stay on the
-            device, because backward needs them first.
-        min_offload_bytes: inputs smaller than this stay on the device (default
-            1 MiB: a tiny model's inputs are all smaller, so it offloads nothing).
 
     Raises:
         TypeError: ``offload`` is not a bool.
@@ -37,9 +37,9 @@ class OffloadOptions:
 
     offload: bool = True
     prefetch_depth: int = 1
-    disk_read_ahead: int = 4
     keep_resident: int = 1
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
+    disk_read_ahead: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.offload, bool):

@@ -25,7 +25,7 @@ _lock = threading.Lock()
 _pools: dict[str, Any] = {}
 _engines: dict[torch.device, CopyEngine] = {}
 _tiers: dict[str, Any] = {}  # the disk tier of each device type, while over_budget is "disk"
-_faults: Any = None  # the tiers' fault injector, made by _fault_injector() for the tests
+_faults: Any = None  # the tiers' fault injector (a test hook), made with the first tier
 _DISK_SETTINGS = ("over_budget", "disk_dir", "disk_budget_bytes", "disk_staging_bytes", "disk_checksums")
 
 
@@ -96,12 +96,12 @@ def _open_tier(device_type: str, current: dict[str, Any]) -> Any:
         current["disk_budget_bytes"],
         current["disk_staging_bytes"],
         current["disk_checksums"],
-        _faults,
+        _fault_injector(),
     )
 
 
 def _fault_injector() -> Any:
-    """Test hook: the injector of the tiers opened from now on (``arm`` it to make their file calls fail)."""
+    """Test hook: the tiers' fault injector; ``arm`` it to make their file calls fail."""
     global _faults
     if _faults is None:
         _faults = extension.load().FaultInjector()

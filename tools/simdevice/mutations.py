@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TEST_SELECTION = "tests/test_stream_ordering.py tests/test_engine.py tests/test_swap.py -m simdev"
+TEST_SELECTION = "tests/test_stream_ordering.py tests/test_engine.py tests/test_swap.py tests/test_disk.py -m simdev"
 TIMEOUT_S = 900  # per build and per test run; a test run killed at it counts as caught (hung)
 SHOWN_FAILURES = 3
 OUTPUT_TAIL_LINES = 40
@@ -92,6 +92,20 @@ MUTANTS = (
         removes="The D2H copy no longer waits for the compute stream's work that produced the source.",
         path="csrc/copy_engine.cpp",
         original="Fence::record(compute_stream()).block(d2h_stream_);",
+        replacement="",
+    ),
+    Mutant(
+        name="write-waits-d2h",
+        removes="The disk tier writes a staging buffer without waiting for the D2H copy that fills it.",
+        path="csrc/disk_tier.cpp",
+        original="filled.synchronize();",
+        replacement="",
+    ),
+    Mutant(
+        name="h2d-waits-read",
+        removes="An H2D copy queued behind a disk read no longer waits for the read's outcome.",
+        path="csrc/copy_engine.cpp",
+        original="after.synchronize();",
         replacement="",
     ),
     Mutant(
