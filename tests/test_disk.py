@@ -32,7 +32,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def disk_dir(tmp_path: Path) -> Iterator[Path]:
-    """An empty directory on this machine's disk; the settings are restored and the tier checked empty after."""
+    """An empty directory on this machine's disk; afterwards the settings are back and the tier empty."""
     before = registry.settings()
     yield tmp_path
     gc.collect()
@@ -125,7 +125,8 @@ class TestRoundTrip:
     def test_o_direct_refused_at_the_first_transfer_falls_back_to_buffered_io(self, disk_dir: Path) -> None:
         use_disk(disk_dir)
         engine = get_engine("cpu")
-        registry._fault_injector().arm("write", errno.EINVAL)  # as filesystems that take the flag but not the I/O
+        # As filesystems that take the flag but not the transfer.
+        registry._fault_injector().arm("write", errno.EINVAL)
         tensor = torch.randn(3000, 77)
         handle = engine.offload(tensor)
         engine.synchronize()
@@ -249,9 +250,9 @@ class TestFaults:
             use_disk(disk_dir)
         assert registry.settings()["over_budget"] != "disk"
 
-    def test_disk_dir_is_required(self, disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_disk_dir_is_required(self, disk_dir: Path) -> None:
         gcoffload.configure(disk_dir=None)
-        with pytest.raises(ValueError, match="disk_dir=.*GCOFFLOAD_DISK_DIR"):
+        with pytest.raises(ValueError, match=r"disk_dir=.*GCOFFLOAD_DISK_DIR"):
             gcoffload.configure(over_budget="disk")
 
     @pytest.mark.parametrize(
@@ -279,7 +280,8 @@ class TestFaults:
         parameters = [parameter.detach().clone() for parameter in layers.parameters()]
         self.faults().arm("write", errno.ENOSPC)
         with pytest.raises(
-            RuntimeError, match=r"earlier write failed.*disk_dir='.*No space left on device \(ENOSPC.*Free space there"
+            RuntimeError,
+            match=r"earlier write failed.*disk_dir='.*No space left on device \(ENOSPC.*Free space there",
         ):
             for _ in range(3):  # the failed write is met by an offload of this step or the next
                 TestTraining.step(layers, device)
