@@ -17,10 +17,22 @@ import torch
 
 import gcoffload
 from gcoffload.__main__ import main
-from gcoffload.bench import autopilot, common, hf_step, host_cost, noise, plots, stack_overlap, suite, swap
+from gcoffload.bench import (
+    autopilot,
+    common,
+    disk,
+    hf_step,
+    host_cost,
+    noise,
+    plots,
+    stack_overlap,
+    suite,
+    swap,
+)
 from gcoffload.bench.decoder import LLAMA_1B, LLAMA_8B, SMOKE, build_stack, run_stack
 from gcoffload.bench.stack_overlap import StackConfig
 from gcoffload.bench.strategies import STRATEGIES
+from gcoffload.engine import registry
 
 ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run's stacks")
 
@@ -44,7 +56,8 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
     """The whole suite, in-process, at its smallest: what it writes, reports and prints (no timings)."""
     out = tmp_path / "results"
     threads = torch.get_num_threads()
-    assert main(["bench", "--out", str(out), "--warmup", "1", "--steps", "2"]) == 0
+    arguments = ["bench", "--out", str(out), "--disk-dir", str(tmp_path), "--warmup", "1", "--steps", "2"]
+    assert main(arguments) == 0
     assert torch.get_num_threads() == threads, "the run's one torch thread is given back"
     printed = capsys.readouterr()
     assert printed.err.startswith("CPU smoke run: no GPU was found"), "the note comes first"
@@ -63,6 +76,8 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
         *(f"autopilot smoke L=4 1x256: {name}" for name in AUTOPILOT_RUNS),
         "swap smoke L=4 1x256: profile",
         *(f"swap smoke L=4 1x256: {name}" for name in swap.RUNS),
+        "disk: throughput of the raw disk and of the engine",
+        *(f"disk smoke L=4 1x256: {name}" for name in disk.RUNS),
         *(f"host cost: set up {name}" for name in host_cost.VARIANTS),
         f"host cost: 20 interleaved steps of 6 variants, {host_cost.LAYERS} layers",
         "write results.json, summary.md and PNGs",
@@ -111,10 +126,44 @@ def test_python_m_gcoffload_bench_runs_the_cpu_smoke_suite(tmp_path, capsys):
     assert summary == suite._summary(results) + "\n" and printed.out.startswith(summary)
     assert "CPU smoke run" in summary and "| gcoffload-d1 |" in summary
     assert "### autopilot" in summary and "### host cost per checkpointed layer" in summary
+    assert f"### disk tier, {tmp_path}" in summary
     assert f"wrote {out / 'results.json'}, {out / 'summary.md'}" in printed.out
     if importlib.util.find_spec("matplotlib"):
         assert (out / "timeline-0-smoke-1x256.png").stat().st_size > 10_000
         assert (out / "strategies-0-smoke-1x256.png").stat().st_size > 10_000
+
+
+@ON_CPU
+def test_the_disk_scenario_brings_every_tensor_back_and_trains_exactly_on_the_disk_tier(tmp_path):
+    """The smoke disk scenario: the engine moves every tensor through the disk and back equal, the
+    training runs' gradients equal those without checkpointing, and the settings are as before."""
+    before = registry.settings()
+    out, where = tmp_path / "results", tmp_path / "disk"
+    where.mkdir()
+    arguments = ["bench", "--scenarios", "disk", "--disk-dir", str(where), "--out", str(out)]
+    assert main([*arguments, "--warmup", "1", "--steps", "2"]) == 0
+    assert registry.settings() == before
+    assert list(where.iterdir()) == [], "the disk tier's file has no name"
+
+    result = json.loads((out / "results.json").read_text())["disk"]
+    assert result["directory"] == str(where)
+    throughput = result["throughput"]
+    assert throughput["equal"] is True and throughput["all_on_disk"] is True
+    assert throughput["bytes"] == disk.SMOKE_CONFIG.tensors * disk.SMOKE_CONFIG.tensor_bytes
+    assert all(row["reads"] == disk.SMOKE_CONFIG.tensors for row in throughput["rounds"])
+    assert throughput["write_vs_raw"] > 0 and throughput["read_vs_raw"] > 0
+    runs = {row["run"]: row for row in result["training"]["runs"]}
+    assert list(runs) == list(disk.RUNS)
+    assert runs["RAM tier"]["gradients_equal"] and runs["disk tier"]["gradients_equal"]
+    assert runs["RAM tier"]["offloads_per_step"] == 3 and runs["RAM tier"]["disk_spills_per_step"] == 0
+    on_disk = runs["disk tier"]
+    input_bytes = disk.SMOKE_CONFIG.stack.input_bytes(torch.float32)
+    assert input_bytes == disk.SMOKE_CONFIG.host_budget_bytes, "one input fits the host budget"
+    assert on_disk["offloads_per_step"] == 3 and on_disk["disk_spills_per_step"] == 2
+    assert on_disk["written_bytes_per_step"] == 2 * input_bytes
+    assert on_disk["read_bytes_per_step"] <= on_disk["written_bytes_per_step"]
+    summary = (out / "summary.md").read_text()
+    assert "| disk tier |" in summary and "| read |" in summary
 
 
 def test_full_chooses_the_larger_cpu_sizes(capsys):
@@ -276,6 +325,7 @@ def test_stacks_are_cut_to_the_layers_that_fit_in_device_memory():
         (["--steps", "many"], "argument --steps: must be a whole number >= 1, not 'many'"),
         (["--warmup", "-1"], "argument --warmup: must be a whole number >= 0, not '-1'"),
         (["--tokens", "9-9"], "argument --tokens: '9-9' is not BATCHxLENGTH, e.g. 4x2048"),
+        (["--disk-dir", "/no/such/dir"], "argument --disk-dir: '/no/such/dir' is not a directory"),
         (["--shapes", "llama-2"], "argument --shapes: invalid choice: 'llama-2'"),
         (
             ["--scenarios", "copy", "--tokens", "2x256"],

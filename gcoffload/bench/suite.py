@@ -6,15 +6,18 @@ model's 16 and 32) at 1x4096, 4x2048 and 1x16384 tokens under every strategy;
 a transformers Llama step; the memory-budget autopilot at three budgets on the
 Llama-1B-like stack at 4x2048 tokens against all-checkpoint and all-offload;
 swap on the same stack at the least memory (all-checkpoint, all-offload, the
-autopilot without and with swap, all-swap); the host cost per checkpointed
-layer against torch.utils.checkpoint (always on the CPU, where it is all there
-is to measure).
+autopilot without and with swap, all-swap); the disk tier's throughput
+against the raw disk (4 tensors of 128 MiB) and a training step of the same
+stack with 64 MiB of host budget and the rest on disk; the host cost per
+checkpointed layer against torch.utils.checkpoint (always on the CPU, where it
+is all there is to measure).
 
 Without a GPU: a small smoke run of the same code and every scenario on the
 CPU, whose timings say nothing about GPU performance (about 26 s on 2 idle
 cores, extension built); ``--full`` runs the larger CPU sizes of earlier smoke
 runs (the stack and the autopilot at 2x256 tokens, one more warm-up step, the
-host cost over 40 steps; about twice as long). On the CPU the suite
+disk tier moving 4 tensors of 64 MiB three times, the host cost over 40 steps;
+about twice as long). On the CPU the suite
 runs torch on one intra-op thread: with one thread per core, another job on the
 same cores stalls torch's thread pool at every barrier and a step takes 20-30
 times as long, which says nothing about the strategies.
@@ -38,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..engine import get_engine
-from . import autopilot, common, copy_bandwidth, hf_step, host_cost, noise, plots, stack_overlap, swap
+from ..engine.host_settings import DISK_DIR_ENV
+from . import autopilot, common, copy_bandwidth, disk, hf_step, host_cost, noise, plots, stack_overlap, swap
 from .decoder import LLAMA_1B, LLAMA_8B, SMOKE
 from .stack_overlap import StackConfig
 from .strategies import STRATEGIES
@@ -58,6 +62,7 @@ class Suite:
     dtype: torch.dtype
     warmup: int
     steps: int
+    disk: disk.DiskConfig
     host_layers: int = host_cost.LAYERS
     host_steps: int = host_cost.STEPS
 
@@ -76,6 +81,7 @@ GPU_SUITE = Suite(
     torch.bfloat16,
     warmup=10,
     steps=20,
+    disk=disk.GPU_CONFIG,
 )
 # The default without a GPU: every scenario, small enough to run in well under a minute on
 # 2 idle cores. The same code paths as the full sizes; half the tokens and fewer steps.
@@ -89,6 +95,7 @@ SMOKE_SUITE = Suite(
     torch.float32,
     warmup=1,
     steps=5,
+    disk=disk.SMOKE_CONFIG,
     host_steps=20,
 )
 # --full without a GPU: the CPU sizes of earlier smoke runs (benchmarks/results/*-cpu-smoke).
@@ -102,9 +109,10 @@ CPU_FULL_SUITE = Suite(
     torch.float32,
     warmup=2,
     steps=5,
+    disk=disk.CPU_FULL_CONFIG,
 )
 SUITES = (GPU_SUITE, SMOKE_SUITE, CPU_FULL_SUITE)
-SCENARIOS = ("copy", "stack", "hf", "autopilot", "swap", "host")
+SCENARIOS = ("copy", "stack", "hf", "autopilot", "swap", "disk", "host")
 CPU_NOTE = (
     "{title}: no GPU was found, so a small configuration ran on the CPU (one torch thread), where every "
     "copy is a synchronous memcpy. Its timings check that the suite works; they say nothing about GPU "
@@ -155,6 +163,13 @@ def _output_directory(text: str) -> Path:
     return path
 
 
+def _existing_directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory; give one that exists")
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the suite's options to ``parser``."""
     shapes = _per_device(lambda suite: ", ".join(_names(suite, _shape)))
@@ -172,9 +187,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCENARIOS,
         help="what to run: copy (pinned copy bandwidth), stack (a Llama-shaped stack under every "
         "strategy), hf (a transformers Llama step), autopilot (the memory-budget autopilot at three "
-        "budgets), swap (swap against checkpointing and offloading at the least memory), host (host "
-        "cost per checkpointed layer on the CPU); default: all, hf where "
-        "transformers and peft are installed",
+        "budgets), swap (swap against checkpointing and offloading at the least memory), disk (the "
+        "disk tier against the raw disk, and a training step on it), host (host cost per "
+        "checkpointed layer on the CPU); default: all, hf where transformers and peft are installed",
+    )
+    parser.add_argument(
+        "--disk-dir",
+        type=_existing_directory,
+        metavar="DIR",
+        help=f"where the disk scenario writes, on the disk to measure (default: ${DISK_DIR_ENV}, else a "
+        "temporary directory under the current one)",
     )
     parser.add_argument(
         "--shapes",
@@ -265,6 +287,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     total += 2 * len(hf_step.STRATEGIES) if run_hf else 0
     total += autopilot.RUNS if "autopilot" in scenarios else 0
     total += 1 + len(swap.RUNS) if "swap" in scenarios else 0
+    total += disk.PHASES if "disk" in scenarios else 0
     total += host_cost.PHASES if "host" in scenarios else 0
     progress = common.Progress(total + 1)  # and writing the results
     results: dict[str, Any] = {"environment": None, "suite": suite.name}
@@ -272,7 +295,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         results["note"] = note
     with common.one_thread_on_the_cpu(device):
         results["environment"] = common.environment(device)  # with the run's thread count
-        _run(results, suite, scenarios, stacks, run_hf, device, warmup, steps, progress)
+        _run(results, suite, scenarios, stacks, run_hf, args.disk_dir, device, warmup, steps, progress)
     progress("write results.json, summary.md and PNGs")
     written = _write(results, args.out)
     progress.finish()
@@ -287,6 +310,7 @@ def _run(
     scenarios: Sequence[str],
     stacks: Sequence[StackConfig],
     run_hf: bool,
+    disk_dir: Path | None,
     device: torch.device,
     warmup: int,
     steps: int,
@@ -316,6 +340,8 @@ def _run(
     if "swap" in scenarios:
         fitted = suite.autopilot.fitted(suite.dtype, common.free_bytes(device))
         results["swap"] = swap.run(fitted, device, suite.dtype, warmup, steps, advance)
+    if "disk" in scenarios:
+        results["disk"] = disk.run(suite.disk, device, suite.dtype, disk_dir, warmup, steps, advance)
     if "host" in scenarios:
         results["host_cost"] = host_cost.run(suite.host_steps, suite.host_layers, advance)
 
@@ -331,6 +357,9 @@ def _noisy_measurements(results: dict[str, Any]) -> list[str]:
     measured += [(f"autopilot {row['run']}", row) for row in results.get("autopilot", {}).get("runs", [])]
     for bus in results.get("swap", {}).get("buses", []):
         measured += [(f"swap {row['run']}", row) for row in bus["runs"]]
+    measured += [
+        (f"disk {row['run']}", row) for row in results.get("disk", {}).get("training", {}).get("runs", [])
+    ]
     measured += [(f"host cost {row['variant']}", row) for row in results.get("host_cost", {}).get("rows", [])]
     return [f"{where}: {row['noisy']}" for where, row in measured if row.get("noisy")]
 
@@ -369,6 +398,8 @@ def _summary(results: dict[str, Any]) -> str:
         parts += ["", autopilot.report(results["autopilot"])]
     if "swap" in results:
         parts += ["", swap.report(results["swap"])]
+    if "disk" in results:
+        parts += ["", disk.report(results["disk"])]
     if "host_cost" in results:
         parts += ["", host_cost.report(results["host_cost"])]
     return "\n".join(parts)
