@@ -13,6 +13,7 @@ from held_memory import LiveStorages
 
 import gcoffload
 from gcoffload.__main__ import main
+from gcoffload.autopilot.disk_time import exposed_disk_seconds
 from gcoffload.autopilot.planner import Mode
 from gcoffload.sizing.curve import TraceCurve
 from gcoffload.sizing.estimate import Strategy, capacity
@@ -32,6 +33,7 @@ REAL = {
 }
 DENSE = [name for name in REAL if name != "qwen3-30b-a3b"]
 EVERYTHING = dict(gpu="1TiB", dtype="float32", min_offload_bytes=0, granularity=16, max_seq=256)
+A_DISK = dict(host_memory="1GiB", disk_memory="1TB")
 
 
 def tiny(family: str = "llama", layers: int = 3) -> transformers.PretrainedConfig:
@@ -270,6 +272,82 @@ def test_the_autopilot_swaps_where_the_link_has_room_and_within_the_host_memory(
     assert Mode.SWAP not in slow.plan.modes
 
 
+def test_a_disk_takes_the_earliest_inputs_that_do_not_fit_the_host_memory():
+    config = tiny(layers=6)
+    options = dict(EVERYTHING, max_seq=1024, strategies=["offload"])
+    all_host = capacity(config, 512, **options).at(512)[Strategy.OFFLOAD]
+    ram_only = capacity(config, 512, host_memory="64KiB", **options)
+    with_disk = capacity(config, 512, host_memory="64KiB", disk_memory="1MiB", **options)
+    fit = with_disk.at(512)[Strategy.OFFLOAD]
+    one_input = 512 * 32 * 4  # 64 KiB: five of the six layer inputs leave the device, the last stays
+    assert all_host.host_bytes == 5 * one_input and all_host.disk_bytes == 0
+    assert not ram_only.at(512)[Strategy.OFFLOAD].fits and fit.fits
+    assert ram_only.longest[Strategy.OFFLOAD] < with_disk.longest[Strategy.OFFLOAD] == 1024
+    assert fit.disk_layers == (0, 1, 2, 3)  # the earliest, until the rest fits the host memory
+    assert fit.disk_bytes == 4 * one_input and fit.host_bytes == one_input
+    assert fit.disk_bytes + fit.host_bytes == all_host.host_bytes
+    assert (fit.activation_bytes, fit.peak_bytes) == (all_host.activation_bytes, all_host.peak_bytes)
+
+
+@pytest.mark.parametrize(("disk", "fits"), [(4 * 512 * 32 * 4 - 1, False), (4 * 512 * 32 * 4, True)])
+def test_a_disk_too_small_for_what_the_host_memory_leaves_does_not_fit(disk, fits):
+    answer = capacity(
+        tiny(layers=6), 512, **dict(EVERYTHING, max_seq=1024, strategies=["offload"]),
+        host_memory="64KiB", disk_memory=disk,
+    )  # fmt: skip
+    assert answer.at(512)[Strategy.OFFLOAD].fits is fits
+
+
+def test_the_autopilot_puts_its_earliest_offloaded_inputs_on_disk():
+    config = tiny(layers=6)
+    weights = MetaModel(config, torch.float32).weights().total_bytes
+    options = dict(  # room for one layer's input on the device beside the least memory: one checkpoint
+        gpu=weights + 2 * 2**20, dtype="float32", reserve_bytes=0, min_offload_bytes=0, granularity=16,
+        max_seq=1024, attn="flash", strategies=["autopilot"], host_memory="64KiB",
+    )  # fmt: skip
+    ram_only = capacity(config, 512, **options).at(512)[Strategy.AUTOPILOT]
+    fit = capacity(config, 512, disk_memory="1MiB", **options).at(512)[Strategy.AUTOPILOT]
+    offloaded = [index for index, mode in enumerate(fit.plan.modes) if mode is Mode.OFFLOAD]
+    assert fit.plan.modes == ram_only.plan.modes and len(offloaded) == 5, fit.plan.summary()
+    assert not ram_only.fits and fit.fits
+    assert fit.disk_layers == tuple(offloaded[:4])
+    assert fit.host_bytes == 512 * 32 * 4 and fit.disk_bytes + fit.host_bytes == ram_only.host_bytes
+
+
+def test_a_disk_read_that_the_backward_pass_outlasts_costs_nothing():
+    # Layer 0's input: written at 0-2 s of a 4 s forward pass, read back at 4-6 s, needed at 13 s.
+    seconds = exposed_disk_seconds(
+        [1, 1, 1, 1], [3, 3, 3, 3], [2, 0, 0, 0], read_bytes_per_second=1, write_bytes_per_second=1
+    )
+    assert seconds == 0.0
+
+
+def test_disk_reads_that_come_late_hold_the_backward_pass_back():
+    # Writes: layer 0 at 0-2 s, layer 1 at 2-4 s, past the turn at 3 s. Reads, the latest layer first:
+    # layer 1 at 4-8 s, layer 0 at 8-12 s. Backward: layer 2 at 3-6 s; layer 1 waits 2 s, runs at 8-11 s;
+    # layer 0 waits 1 s, runs at 12-15 s. Without the disk the step would end at 12 s.
+    seconds = exposed_disk_seconds(
+        [1, 1, 1], [3, 3, 3], [4, 4, 0], read_bytes_per_second=1, write_bytes_per_second=2
+    )
+    assert seconds == 3.0
+
+
+def test_the_command_shows_the_disk_where_one_is_given(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny().to_dict()))
+    arguments = ["plan", str(config), "--tokens", "8k", "--gpu", "4GiB", "--dtype", "float32"]
+    arguments += ["--host-memory", "1MiB", "--max-seq", "8192"]  # an input at 8k tokens: 1 MiB
+    assert main([*arguments, "--disk", "1GiB", "--disk-bandwidth", "6GB/s,4GB/s", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    offload = report["lengths"][0]["strategies"]["offload"]
+    assert (offload["disk_layers"], offload["disk_bytes"], offload["host_bytes"]) == ([0], 2**20, 2**20)
+    assert offload["fits"] and report["disk"]["write_bytes_per_second"] == 4e9
+    assert main([*arguments, "--disk", "1GiB"]) == 0
+    assert "disk: 1.00 GiB (7 GB/s read, 5 GB/s write)" in capsys.readouterr().out
+    assert main(arguments) == 0
+    assert " disk " not in capsys.readouterr().out
+
+
 def test_lora_counts_its_adapters_in_float32_with_their_gradients_and_adamw_states():
     pytest.importorskip("peft")
     config = tiny()
@@ -351,7 +429,16 @@ def test_a_hub_id_without_network_points_to_the_local_config(monkeypatch):
         (dict(batch=0), "batch must be a positive int"),
         (dict(mfu=2.0), "mfu must be a fraction"),
         (dict(reserve_bytes="100GiB", gpu="80GiB"), "reserve_bytes"),
-        (dict(host_memory="lots"), "expected bytes"),
+        (dict(host_memory="lots"), "host_memory: expected bytes"),
+        (dict(A_DISK, disk_memory="lots"), "disk_memory: expected bytes"),
+        (dict(A_DISK, disk_memory=-1), "disk_memory: expected bytes"),
+        (dict(A_DISK, disk_memory="-3.84TB"), "disk_memory: expected bytes"),
+        (dict(disk_memory="3.84TB"), "disk_memory: .*give host_memory too"),
+        (dict(disk_bandwidth="7GB/s"), "disk_bandwidth: .*give disk_memory too"),
+        (dict(A_DISK, disk_bandwidth="fast"), "disk_bandwidth: expected bytes per"),
+        (dict(A_DISK, disk_bandwidth=-7e9), "disk_bandwidth: expected bytes per"),
+        (dict(A_DISK, disk_bandwidth="0GB/s"), "disk_bandwidth: expected bytes"),
+        (dict(A_DISK, disk_bandwidth="1,2,3"), "disk_bandwidth: give one rate"),
         (dict(max_seq=8), "max_seq must be an int of at least granularity"),
         (dict(strategies=["swap"]), "strategies must be among"),
     ],

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from .disk import DEFAULT_READ_BYTES_PER_SECOND, DEFAULT_WRITE_BYTES_PER_SECOND
 from .estimate import DEFAULT_MFU, DEFAULT_RESERVE, Strategy, capacity
 from .hardware import GPUS
 from .report import plot, text
@@ -17,8 +18,8 @@ __all__ = ["add_arguments", "main", "parse_tokens"]
 DESCRIPTION = (
     "Counts, from a model's config alone (no weights, no GPU), the device memory a training step takes under "
     "each strategy (no checkpointing, torch checkpointing, transformers' offload=True, gcoffload's offload "
-    "and autopilot) and the longest context each fits. Activation bytes are exact; the peak and times are "
-    "estimates and say so."
+    "and autopilot) and the longest context each fits, with pinned host memory and a disk as given. "
+    "Activation, host and disk bytes are exact; the peak and times are estimates and say so."
 )
 _TOKENS = re.compile(r"^\s*(\d+)\s*([kKmM]?)\s*$")
 
@@ -65,6 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--host-memory", default=None, help="pinned host memory allowed, e.g. 256GiB (default: no limit)"
     )
     parser.add_argument(
+        "--disk", default=None, metavar="SIZE",
+        help="a local NVMe disk for the offloaded layer inputs that do not fit --host-memory, earliest "
+        "layers first, e.g. 3.84TB (default: no disk)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--disk-bandwidth", default=None, metavar="RATE[,WRITE]",
+        help=f"the disk's sequential rate, e.g. 7GB/s, or read,write such as 7GB/s,5GB/s (default "
+        f"{DEFAULT_READ_BYTES_PER_SECOND / 1e9:g}GB/s read, {DEFAULT_WRITE_BYTES_PER_SECOND / 1e9:g}GB/s "
+        "write: one PCIe 4 datacenter NVMe)",
+    )  # fmt: skip
+    parser.add_argument(
         "--lora", type=int, default=None, metavar="R",
         help="LoRA of rank R on every linear layer (PEFT 'all-linear'); default: full fine-tuning",
     )  # fmt: skip
@@ -105,6 +117,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             lora_rank=args.lora,
             attn=args.attn,
             host_memory=args.host_memory,
+            disk_memory=args.disk,
+            disk_bandwidth=args.disk_bandwidth,
             mfu=args.mfu,
             link_bytes_per_second=args.link_gbps * 1e9 if args.link_gbps is not None else None,
             reserve_bytes=args.reserve,

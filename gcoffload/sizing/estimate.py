@@ -22,6 +22,13 @@ of every input does; its copies run on the compute stream, so the time model
 charges all of them. The autopilot's plan is the fastest whose estimated
 peak fits, with its swaps within the host memory given.
 
+With a disk (``disk_memory``), gcoffload's offload and the autopilot put the
+offloaded inputs that do not fit the host memory on it, the earliest layers'
+first, as the engine's disk tier does (:mod:`.disk`); swapped activations and
+``save_on_cpu``'s inputs stay in host memory. A strategy then fits if its
+host bytes fit the host memory and its disk bytes the disk; the disk's bytes
+plus the host's are the host bytes it would take without a disk, exactly.
+
 *Estimated*:
 
 * the peak (``peak_bytes``): parameters, gradients and AdamW states
@@ -37,8 +44,9 @@ peak fits, with its swaps within the host memory given.
   the optimizer step, which this does not model;
 * time: each layer's forward FLOPs at ``mfu`` of the GPU's datasheet peak,
   backward twice that, a recompute once; copies at the GPU's link speed,
-  hidden behind compute as the planner's time model says. It says how the
-  strategies compare, not how fast a step will be.
+  hidden behind compute as the planner's time model says, and the disk's
+  transfers as Note [The disk in the time model] in disk_time.py says. It says
+  how the strategies compare, not how fast a step will be.
 """
 
 from __future__ import annotations
@@ -51,9 +59,12 @@ from typing import Any
 import torch
 
 from ..autopilot.budget import parse_size
+from ..autopilot.disk_time import exposed_disk_seconds
 from ..autopilot.planner import Mode, Plan, fastest_plan, holds_own_input, keeps_output, least_memory, predict
+from ..autopilot.profile import LayerProfile, Profile
 from ..checkpointing.options import OffloadOptions
 from .curve import TraceCurve
+from .disk import Disk, layers_on_disk, resolve_disk
 from .hardware import Gpu, resolve_gpu
 from .model_source import load_config
 from .trace import MetaModel, ModelTrace, Weights
@@ -102,10 +113,13 @@ class StrategyFit:
         activation_bytes: device bytes autograd holds after the forward pass (exact).
         peak_bytes: the step's device peak, weights and optimizer included (estimate).
         host_bytes: pinned host bytes it takes (exact).
-        step_seconds: forward + backward time (estimate).
-        fits: whether the peak fits the usable device memory and the host
-            bytes the host memory.
+        step_seconds: forward + backward time (estimate), ``disk_seconds`` included.
+        fits: whether the peak fits the usable device memory, the host
+            bytes the host memory and the disk bytes the disk.
         plan: the decoder layers' modes, with the planner's predictions.
+        disk_bytes: bytes of the layer inputs on disk (exact; 0 without a disk).
+        disk_layers: the layers whose inputs are on disk, in forward order.
+        disk_seconds: the time the step waits for the disk (estimate).
     """
 
     strategy: Strategy
@@ -116,6 +130,9 @@ class StrategyFit:
     step_seconds: float
     fits: bool
     plan: Plan
+    disk_bytes: int = 0
+    disk_layers: tuple[int, ...] = ()
+    disk_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,7 @@ class Capacity:
         config: its transformers config.
         gpu: the device planned for; ``usable_bytes`` of its memory may be used.
         host_memory_bytes: the pinned host memory allowed (None: no limit).
+        disk: the disk for offloaded inputs past the host memory (None: none).
         batch, dtype, attn, lora_rank, mfu: the step counted.
         weights: parameters, gradients, optimizer states.
         fits: every strategy at every asked length, by length then strategy.
@@ -142,6 +160,7 @@ class Capacity:
     gpu: Gpu
     usable_bytes: int
     host_memory_bytes: int | None
+    disk: Disk | None
     batch: int
     dtype: torch.dtype
     attn: str
@@ -183,6 +202,9 @@ class Capacity:
                 "usable_bytes": self.usable_bytes,
             },
             "host_memory_bytes": self.host_memory_bytes,
+            "disk": {"capacity_bytes": self.disk.capacity_bytes, **vars(self.disk.rates)}
+            if self.disk is not None
+            else None,
             "batch": self.batch,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attn": self.attn,
@@ -197,7 +219,10 @@ class Capacity:
                             "activation_bytes": fit.activation_bytes,
                             "peak_bytes": fit.peak_bytes,
                             "host_bytes": fit.host_bytes,
+                            "disk_bytes": fit.disk_bytes,
+                            "disk_layers": list(fit.disk_layers),
                             "step_seconds_estimate": fit.step_seconds,
+                            "disk_seconds_estimate": fit.disk_seconds,
                             "fits": fit.fits,
                             "modes": dict(sorted(fit.plan.counts().items())),
                         }
@@ -217,7 +242,14 @@ class _Estimator:
     """The strategies of Note [What the capacity numbers rest on] for one model, device and batch."""
 
     def __init__(
-        self, curve: TraceCurve, weights: Weights, gpu: Gpu, usable: int, host: int | None, mfu: float
+        self,
+        curve: TraceCurve,
+        weights: Weights,
+        gpu: Gpu,
+        usable: int,
+        host: int | None,
+        mfu: float,
+        disk: Disk | None = None,
     ) -> None:
         self.keep_resident = curve.options.keep_resident
         self.curve = curve
@@ -225,6 +257,7 @@ class _Estimator:
         self.gpu = gpu
         self.usable = usable
         self.host = host
+        self.disk = disk
         self.flops_per_second = gpu.peak_flops * mfu
 
     def fit(self, trace: ModelTrace, strategy: Strategy) -> StrategyFit:
@@ -246,10 +279,52 @@ class _Estimator:
         held = self._activations(trace, plan)
         working_set = max(plan.peak_bytes - plan.held_bytes, trace.head_working_set_bytes)
         peak = self.weights.total_bytes + held + trace.returned_bytes + working_set
-        host = plan.host_bytes
-        seconds = plan.step_seconds + 3 * trace.other_flops / self.flops_per_second
-        fits = peak <= self.usable and (self.host is None or host <= self.host)
-        return StrategyFit(strategy, trace.seq, held, peak, host, seconds, fits, plan)
+        moves_inputs = strategy in (Strategy.OFFLOAD, Strategy.AUTOPILOT)
+        on_disk, disk_seconds = self._spill_to_disk(profile, plan) if moves_inputs else ((), 0.0)
+        disk_bytes = sum(profile.layers[position].input_bytes for position in on_disk)
+        host = plan.host_bytes - disk_bytes
+        seconds = plan.step_seconds + disk_seconds + 3 * trace.other_flops / self.flops_per_second
+        fits = (
+            peak <= self.usable
+            and (self.host is None or host <= self.host)
+            and (self.disk is None or disk_bytes <= self.disk.capacity_bytes)
+        )
+        return StrategyFit(
+            strategy, trace.seq, held, peak, host, seconds, fits, plan,
+            disk_bytes=disk_bytes,
+            disk_layers=tuple(plan.layers[position].index for position in on_disk),
+            disk_seconds=disk_seconds,
+        )  # fmt: skip
+
+    def _spill_to_disk(self, profile: Profile, plan: Plan) -> tuple[tuple[int, ...], float]:
+        """Positions of the layers whose offloaded inputs go to disk, and the disk's exposed time.
+
+        See :mod:`.disk`, and Note [The disk in the time model] in disk_time.py.
+        """
+        if self.disk is None or self.host is None:
+            return (), 0.0
+        layers = profile.layers
+        offloaded = [
+            (position, layer.input_bytes)
+            for position, (layer, mode) in enumerate(zip(layers, plan.modes, strict=True))
+            if mode is Mode.OFFLOAD
+        ]
+        on_disk = layers_on_disk(offloaded, plan.host_bytes, self.host)
+
+        def backward(layer: LayerProfile, mode: Mode) -> float:  # as Note [The time model] in planner.py
+            if mode is Mode.PLAIN:
+                return 0.0
+            recompute = profile.recompute_per_forward if mode.recomputes else 0.0
+            return layer.forward_seconds * (profile.backward_per_forward + recompute)
+
+        seconds = exposed_disk_seconds(
+            [layer.forward_seconds for layer in layers],
+            [backward(layer, mode) for layer, mode in zip(layers, plan.modes, strict=True)],
+            [layer.input_bytes if position in on_disk else 0 for position, layer in enumerate(layers)],
+            read_bytes_per_second=self.disk.rates.read_bytes_per_second,
+            write_bytes_per_second=self.disk.rates.write_bytes_per_second,
+        )
+        return on_disk, seconds
 
     def _modes(self, profile: Any, strategy: Strategy) -> tuple[Mode, ...]:
         if strategy is Strategy.SAVE_ON_CPU:  # it moves every checkpoint's positional tensors: the input
@@ -326,6 +401,8 @@ def capacity(
     lora_rank: int | None = None,
     attn: str = "sdpa",
     host_memory: int | str | None = None,
+    disk_memory: int | str | None = None,
+    disk_bandwidth: float | str | tuple[float | str, float | str] | None = None,
     mfu: float = DEFAULT_MFU,
     link_bytes_per_second: float | None = None,
     reserve_bytes: int | str = DEFAULT_RESERVE,
@@ -351,6 +428,13 @@ def capacity(
             ``"all-linear"``); None for full fine-tuning.
         attn: ``"sdpa"``, ``"eager"`` or ``"flash"``.
         host_memory: pinned host memory allowed (bytes or a size); None for no limit.
+        disk_memory: a local disk for the offloaded inputs past ``host_memory``
+            (bytes or a size such as ``"3.84TB"``), which gcoffload's offload
+            and autopilot then fill from the first layer up; None for no disk.
+        disk_bandwidth: the disk's sequential rate, in bytes per second or
+            as ``"7GB/s"``, one for reads and writes or a ``(read, write)``
+            pair (``"7GB/s,5GB/s"``); None for one PCIe 4 datacenter NVMe
+            (7 GB/s read, 5 GB/s write, :mod:`gcoffload.sizing.disk`).
         mfu: the fraction of the GPU's peak FLOP/s a step reaches (time estimates only).
         link_bytes_per_second: the host link, one way, instead of the GPU's.
         reserve_bytes: device memory left to the CUDA context, workspaces, fragmentation.
@@ -389,7 +473,11 @@ def capacity(
         raise ValueError(
             f"reserve_bytes ({reserve}) leaves nothing of the {device.name}'s {device.memory_bytes} bytes"
         )
-    host = parse_size(host_memory) if host_memory is not None else None
+    try:
+        host = parse_size(host_memory) if host_memory is not None else None
+    except ValueError as error:
+        raise ValueError(f"host_memory: {error}") from None
+    disk = _disk_from_arguments(disk_memory, disk_bandwidth, host)
     config = load_config(model)
     if max_seq is None:
         max_seq = 8 * int(getattr(config, "max_position_embeddings", 0) or 131072)
@@ -398,7 +486,7 @@ def capacity(
     meta_model = MetaModel(config, torch_dtype, attn, lora_rank)
     weights = meta_model.weights()
     curve = TraceCurve(meta_model, batch, granularity, OffloadOptions(min_offload_bytes=min_offload_bytes))
-    estimator = _Estimator(curve, weights, device, device.memory_bytes - reserve, host, mfu)
+    estimator = _Estimator(curve, weights, device, device.memory_bytes - reserve, host, mfu, disk)
     fits = tuple(tuple(estimator.fit(curve.at(length), strategy) for strategy in chosen) for length in seqs)
     longest = {strategy: estimator.longest(strategy, granularity, max_seq) for strategy in chosen}
     return Capacity(
@@ -407,6 +495,7 @@ def capacity(
         gpu=device,
         usable_bytes=device.memory_bytes - reserve,
         host_memory_bytes=host,
+        disk=disk,
         batch=batch,
         dtype=torch_dtype,
         attn=attn,
@@ -420,6 +509,19 @@ def capacity(
         exact=curve.exact,
         estimator=estimator,
     )
+
+
+def _disk_from_arguments(disk_memory: object, disk_bandwidth: object, host: int | None) -> Disk | None:
+    if disk_memory is None:
+        if disk_bandwidth is not None:
+            raise ValueError("disk_bandwidth: a disk's rate needs the disk; give disk_memory too")
+        return None
+    if host is None:
+        raise ValueError(
+            "disk_memory: the disk takes the offloaded inputs that do not fit host_memory; "
+            "give host_memory too"
+        )
+    return resolve_disk(disk_memory, disk_bandwidth)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -21,6 +21,12 @@ def text(answer: Capacity) -> str:
     tuning = f"LoRA rank {answer.lora_rank} (all linear layers)" if answer.lora_rank else "full fine-tuning"
     architecture = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
     host = _gib(answer.host_memory_bytes) if answer.host_memory_bytes is not None else "no limit"
+    disk = answer.disk
+    if disk is not None:
+        host += (
+            f"; disk: {_gib(disk.capacity_bytes)} ({disk.rates.read_bytes_per_second / 1e9:g} GB/s read, "
+            f"{disk.rates.write_bytes_per_second / 1e9:g} GB/s write)"
+        )
     dtype = str(answer.dtype).removeprefix("torch.")
     lines = [
         f"gcoffload plan: {answer.model} ({architecture}, {len(answer.estimator.curve.model.layers)} layers, "
@@ -32,19 +38,21 @@ def text(answer: Capacity) -> str:
         f"{_gib(weights.optimizer_bytes)} = {_gib(weights.total_bytes)} "
         f"({weights.parameters / 1e9:.2f} B parameters, {weights.trainable / 1e9:.3f} B trainable)",
     ]
+    disk_column = f"{'disk':>12} " if disk else ""  # a column only where a disk was given
     for row in answer.fits:
         reference = next((fit for fit in row if fit.strategy is Strategy.CHECKPOINT), None)
         lines += [
             "",
             f"at {row[0].seq} tokens per sequence ({_one_layer(answer, row[0].seq)}):",
-            f"{'strategy':<12} {'activations':>13} {'peak (est.)':>13} {'host':>12} {'step (est.)':>12} "
-            f"{'vs checkpoint':>13}  fits",
+            f"{'strategy':<12} {'activations':>13} {'peak (est.)':>13} {'host':>12} "
+            f"{disk_column}{'step (est.)':>12} {'vs checkpoint':>13}  fits",
         ]
         for fit in row:
             ratio = f"{fit.step_seconds / reference.step_seconds:.2f}x" if reference else "-"
+            disk_cell = f"{_gib(fit.disk_bytes):>12} " if disk else ""
             lines.append(
                 f"{fit.strategy.value:<12} {_gib(fit.activation_bytes):>13} {_gib(fit.peak_bytes):>13} "
-                f"{_gib(fit.host_bytes):>12} {fit.step_seconds * 1e3:>9.0f} ms {ratio:>13}  "
+                f"{_gib(fit.host_bytes):>12} {disk_cell}{fit.step_seconds * 1e3:>9.0f} ms {ratio:>13}  "
                 f"{'yes' if fit.fits else 'no'}"
             )
     lines += ["", f"longest context that fits (tokens per sequence, in steps of {answer.granularity}):"]
@@ -59,11 +67,12 @@ def text(answer: Capacity) -> str:
         lines += ["", f"the autopilot's plan at {pilot.seq} tokens per sequence:", pilot.plan.summary()]
     lines += [
         "",
-        "Exact: activations and host bytes (the step traced on the meta device). "
-        "Estimates: the peak (weights, "
-        "gradients, AdamW states, activations, returned logits, backward working set) and time "
+        f"Exact: activations{', host and disk' if disk else ' and host'} bytes (the step traced on the meta "
+        "device). Estimates: the peak (weights, gradients, AdamW states, activations, returned logits, "
+        "backward working set) and time "
         f"({answer.mfu:.0%} of {answer.gpu.peak_flops / 1e12:.0f} TFLOP/s, a "
-        f"{answer.gpu.link_bytes_per_second / 1e9:.0f} GB/s host link).",
+        f"{answer.gpu.link_bytes_per_second / 1e9:.0f} GB/s host link"
+        f"{', the disk as one serial queue' if disk else ''}).",
     ]
     if not answer.exact:
         lines.append("(every length was traced: this model's counts are no quadratic in the length)")
