@@ -247,7 +247,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("times") = 1,
           "Test hook: the next `times` `op` calls ('open', 'write' or "
           "'read') after `skip` others fail with errno `error`, or, if it is "
-          "0, move `transfer_bytes` bytes only.");
+          "0, move `transfer_bytes` bytes only.")
+      .def("clear", &FaultInjector::clear);
 
   m.def(
       "measure_disk_bandwidth",

@@ -548,13 +548,10 @@ void CopyEngine::copy_to_device(Handle& handle) {
     // After the handle's D2H copy: the worker runs jobs in order.
     handle.h2d_done_ = copy_on_worker(h2d_stream_, destination, handle.host_);
   } else if (handle.d2h_done_.is_host_signal() && !handle.d2h_done_.done()) {
-    // A disk read still runs: the copy follows it on the reader thread.
-    handle.h2d_done_ = copy_on_worker(
-        h2d_stream_,
-        destination,
-        handle.host_,
-        handle.disk_->tier.get(),
-        handle.d2h_done_);
+    // A disk read still runs: the worker copies once that read alone is done
+    // (not behind the reads queued after it).
+    handle.h2d_done_ =
+        copy_on_worker(h2d_stream_, destination, handle.host_, handle.d2h_done_);
   } else {
     handle.d2h_done_.block(h2d_stream_);
     const Fence start = tracing_ ? Fence::record(h2d_stream_, true) : Fence();
@@ -574,30 +571,26 @@ Fence CopyEngine::copy_on_worker(
     const c10::Stream& stream,
     at::Tensor destination,
     at::Tensor source,
-    DiskTier* tier,
     Fence after) {
   // See Note [Pageable copies off the compute thread].
   Fence done = Fence::host_signal();
-  auto copy = [stream, destination, source, after, done]() mutable {
-    std::string error;
-    try {
-      after.synchronize();
-      c10::StreamGuard guard(stream);
-      at::NoGradGuard no_grad;
-      destination.copy_(source, /*non_blocking=*/false);
-    } catch (const std::exception& failure) {
-      const auto* c10_error = dynamic_cast<const c10::Error*>(&failure);
-      error = c10_error ? c10_error->what_without_backtrace() : failure.what();
-    }
-    destination = at::Tensor();
-    source = at::Tensor();
-    done.signal(std::move(error));
-  };
-  if (tier) {
-    tier->after_reads(std::move(copy), done);
-  } else {
-    worker_.submit(std::move(copy), done);
-  }
+  worker_.submit(
+      [stream, destination, source, after, done]() mutable {
+        std::string error;
+        try {
+          after.synchronize();
+          c10::StreamGuard guard(stream);
+          at::NoGradGuard no_grad;
+          destination.copy_(source, /*non_blocking=*/false);
+        } catch (const std::exception& failure) {
+          const auto* c10_error = dynamic_cast<const c10::Error*>(&failure);
+          error = c10_error ? c10_error->what_without_backtrace() : failure.what();
+        }
+        destination = at::Tensor();
+        source = at::Tensor();
+        done.signal(std::move(error));
+      },
+      done);
   return done;
 }
 

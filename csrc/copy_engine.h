@@ -195,14 +195,12 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   // Gives a pending entry's memory to the caching allocator, which reuses it
   // only after the copy; see Note [Source lifetime].
   void hand_off(Pending& entry, std::vector<at::Tensor>& dropped);
-  // Queues a blocking copy, after `after`, on the worker or, if `tier` is
-  // given, on its reader thread; see Note [Pageable copies off the compute
-  // thread].
+  // Queues a blocking copy on the worker, to run once `after` is done; see
+  // Note [Pageable copies off the compute thread].
   Fence copy_on_worker(
       const c10::Stream& stream,
       at::Tensor destination,
       at::Tensor source,
-      DiskTier* tier = nullptr,
       Fence after = Fence());
   // Gives the handle a place on the disk tier and a staging buffer as
   // `host_`; returns why it could not ("" on success). Unlocks `lock` while

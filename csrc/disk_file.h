@@ -28,6 +28,8 @@ class FaultInjector {
       int64_t skip,
       int64_t times);
   std::optional<Fault> next(const char* op);
+  // Forgets every armed fault.
+  void clear();
 
  private:
   struct Armed {
@@ -99,8 +101,9 @@ class DiskFile {
   std::mutex flags_mutex_;
 };
 
-// Sequential transfer rates of a fresh file in `dir`, as the disk tier's file
-// makes them (O_DIRECT where it can), for `nbytes` in `block_bytes` blocks.
+// Sequential transfer rates of a file in `dir` as the disk tier's file gets
+// them (O_DIRECT where it can; places written before, as in a training run's
+// steady state), for `nbytes` in `block_bytes` blocks.
 struct Bandwidth {
   double write_bytes_per_second = 0;
   double read_bytes_per_second = 0;

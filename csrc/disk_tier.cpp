@@ -22,9 +22,9 @@ namespace gcoffload {
 //  * backward: a read-ahead (CopyEngine::read_ahead, issued by the forward
 //    chain further ahead than the H2D prefetch) takes a staging buffer and
 //    queues the read on the reader thread. The H2D copy that follows is an
-//    ordinary pinned copy if the read is done by then; if not, the reader
-//    thread issues it after the read (a blocking copy, as for pageable
-//    memory), and `fetch` waits on the host for it. A tensor still in its
+//    ordinary pinned copy if the read is done by then; if not, the engine's
+//    worker issues it once that read is done (a blocking copy, as for
+//    pageable memory), and `fetch` waits on the host for it. A tensor still in its
 //    staging buffer when backward wants it (its write not yet done) comes back
 //    from there, no read needed.
 // Reads wait for the place's write, whatever thread is ahead. A place goes
@@ -283,9 +283,10 @@ void DiskTier::write(
   writer_.submit(
       [this, copy, source, filled, on_done]() mutable {
         std::string error;
-        const auto start = std::chrono::steady_clock::now();
+        auto start = std::chrono::steady_clock::now();
         try {
           filled.synchronize();
+          start = std::chrono::steady_clock::now(); // the transfer alone
           if (checksums_) {
             copy->checksum = checksum(source.data_ptr(), source.nbytes());
           }
@@ -321,9 +322,10 @@ Fence DiskTier::read(std::shared_ptr<DiskCopy> copy, at::Tensor destination) {
   reader_.submit(
       [this, copy, destination, done]() mutable {
         std::string error;
-        const auto start = std::chrono::steady_clock::now();
+        auto start = std::chrono::steady_clock::now();
         try {
           copy->written.synchronize();
+          start = std::chrono::steady_clock::now(); // the transfer alone
           file_.read(destination.data_ptr(), copy->length, copy->offset);
           TORCH_CHECK(
               !checksums_ ||
@@ -355,10 +357,6 @@ Fence DiskTier::read(std::shared_ptr<DiskCopy> copy, at::Tensor destination) {
       },
       done);
   return done;
-}
-
-void DiskTier::after_reads(std::function<void()> run, Fence done) {
-  reader_.submit(std::move(run), std::move(done));
 }
 
 std::string DiskTier::failure() {

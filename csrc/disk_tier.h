@@ -110,9 +110,6 @@ class DiskTier : public std::enable_shared_from_this<DiskTier> {
   // Queues the read of `copy` into `destination` (a staging buffer), after
   // its write; returns the read's fence, which raises what the read raised.
   Fence read(std::shared_ptr<DiskCopy> copy, at::Tensor destination);
-  // Queues `run`, which signals `done`, on the reader thread, after the
-  // reads queued so far.
-  void after_reads(std::function<void()> run, Fence done);
 
   // The first failed write's error ("" if none): the tier takes no more
   // writes after it.

@@ -312,7 +312,7 @@ def measure_copies(engine: CopyEngine, nbytes: int, repeats: int = 3) -> CopyPro
 
 
 def measure_disk(directory: str, nbytes: int = 64 << 20, block_bytes: int = 16 << 20) -> DiskRates:
-    """The sequential rates of ``directory`` as the disk tier's file gets them (a fresh unnamed file)."""
+    """The sequential rates of ``directory`` as the disk tier's file gets them (places rewritten)."""
     measured = extension.load().measure_disk_bandwidth(str(directory), nbytes, block_bytes)
     return DiskRates(measured["read_bytes_per_second"], measured["write_bytes_per_second"])
 
