@@ -1,13 +1,14 @@
 """Proves that the stream-ordering tests catch the removal of each ordering point of the copy engine.
 
-Each mutant is gcoffload with one ordering point of its C++ copy engine or host
-pool taken out (a stream wait, or a wait for a fence before memory is reused).
+Each mutant is gcoffload with one ordering point of its C++ copy engine, host
+pool or disk tier taken out (a stream wait, or a wait for a fence before memory is reused).
 For each one the script copies ``gcoffload/`` and ``csrc/`` into a temporary
 directory (the layout of a source checkout, so the copy builds its extension
 from its own patched ``csrc``), applies one exact text edit, builds the
 extension, and runs the stream-ordering tests on the simulated device (the
-engine's, and swap's, whose storages travel through the same orderings) with
-the copy first on ``PYTHONPATH``. Every mutant must make a test fail (or crash,
+engine's; swap's, whose storages travel through the same orderings; and the
+disk tier's, whose writes and reads join them) with the copy first on
+``PYTHONPATH``. Every mutant must make a test fail (or crash,
 or hang past the timeout). The unmutated code runs first with the same tests and
 must pass.
 
@@ -40,7 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TEST_SELECTION = "tests/test_stream_ordering.py tests/test_engine.py tests/test_swap.py tests/test_disk.py -m simdev"
+TEST_SELECTION = (
+    "tests/test_stream_ordering.py tests/test_engine.py tests/test_swap.py tests/test_disk.py -m simdev"
+)
 TIMEOUT_S = 900  # per build and per test run; a test run killed at it counts as caught (hung)
 SHOWN_FAILURES = 3
 OUTPUT_TAIL_LINES = 40
