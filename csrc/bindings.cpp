@@ -308,10 +308,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(
           "offload",
           torch::wrap_pybind_function_no_gil(
-              [](CopyEngine& engine, const at::Tensor& tensor) {
-                return engine.offload(tensor);
+              [](CopyEngine& engine, const at::Tensor& tensor, bool to_disk) {
+                return engine.offload(tensor, to_disk);
               }),
-          py::arg("tensor"))
+          py::arg("tensor"),
+          py::arg("to_disk") = false)
       .def(
           "prefetch",
           &CopyEngine::prefetch,

@@ -275,7 +275,9 @@ c10::Stream CopyEngine::compute_stream() const {
   return c10::impl::VirtualGuardImpl(device_.type()).getStream(device_);
 }
 
-std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
+std::shared_ptr<Handle> CopyEngine::offload(
+    const at::Tensor& tensor,
+    bool to_disk) {
   check_offloadable(tensor);
   // See Note [Offload copies plain bytes].
   at::NoGradGuard no_grad;
@@ -297,46 +299,9 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
 
   // The handle owns the buffer from here on: whatever throws below, the
   // buffer goes back to the pool when the handle dies.
-  handle->block_ = pool_->acquire(static_cast<size_t>(handle->nbytes_));
-  if (handle->block_) {
-    handle->placement_ = Handle::Placement::Pool;
-    handle->host_ = handle->block_->view(source.scalar_type(), source.sizes());
-  } else {
-    OverBudget policy = over_budget_;
-    std::string refusal;
-    if (policy == OverBudget::Disk) {
-      refusal = spill_to_disk(*handle, lock);
-      policy = refusal.empty() ? OverBudget::Disk : disk_fallback_;
-    }
-    TORCH_CHECK(
-        policy != OverBudget::Error || refusal.empty(),
-        "offload: the disk tier cannot take this tensor (",
-        handle->nbytes_,
-        " bytes): ",
-        refusal,
-        " (disk_fallback='error'; 'keep' or 'pageable' would go on without "
-        "the disk)");
-    TORCH_CHECK(
-        policy != OverBudget::Error,
-        "offload: no host buffer for tensor (",
-        handle->nbytes_,
-        " bytes): the host budget is exhausted or the host refused pinned "
-        "memory (over_budget='error'). Raise the budget with "
-        "gcoffload.configure(host_budget_bytes=...), raise the host's pinned "
-        "memory cap (`ulimit -l`), or pick over_budget='keep', 'pageable' or "
-        "'disk'.");
-    if (policy == OverBudget::Keep) {
-      handle->device_ = std::move(source);
-      handle->placement_ = Handle::Placement::Device;
-      stats_.kept_on_device += 1;
-      return handle;
-    }
-    if (policy == OverBudget::Pageable) {
-      handle->host_ = at::empty(
-          source.sizes(), source.options().device(at::kCPU).pinned_memory(false));
-      handle->placement_ = Handle::Placement::Pageable;
-      stats_.pageable_spills += 1;
-    }
+  place(*handle, source, to_disk, lock);
+  if (handle->placement_ == Handle::Placement::Device) {
+    return handle;
   }
 
   Fence::record(compute_stream()).block(d2h_stream_);
@@ -371,6 +336,56 @@ std::shared_ptr<Handle> CopyEngine::offload(const at::Tensor& tensor) {
   stats_.offloads += 1;
   stats_.offloaded_bytes += handle->nbytes_;
   return handle;
+}
+
+void CopyEngine::place(
+    Handle& handle,
+    at::Tensor& source,
+    bool to_disk,
+    std::unique_lock<std::mutex>& lock) {
+  if (to_disk && over_budget_ == OverBudget::Disk &&
+      spill_to_disk(handle, lock).empty()) {
+    return;
+  }
+  handle.block_ = pool_->acquire(static_cast<size_t>(handle.nbytes_));
+  if (handle.block_) {
+    handle.placement_ = Handle::Placement::Pool;
+    handle.host_ = handle.block_->view(source.scalar_type(), source.sizes());
+    return;
+  }
+  OverBudget policy = over_budget_;
+  std::string refusal;
+  if (policy == OverBudget::Disk) {
+    refusal = spill_to_disk(handle, lock);
+    policy = refusal.empty() ? OverBudget::Disk : disk_fallback_;
+  }
+  TORCH_CHECK(
+      policy != OverBudget::Error || refusal.empty(),
+      "offload: the disk tier cannot take this tensor (",
+      handle.nbytes_,
+      " bytes): ",
+      refusal,
+      " (disk_fallback='error'; 'keep' or 'pageable' would go on without "
+      "the disk)");
+  TORCH_CHECK(
+      policy != OverBudget::Error,
+      "offload: no host buffer for tensor (",
+      handle.nbytes_,
+      " bytes): the host budget is exhausted or the host refused pinned "
+      "memory (over_budget='error'). Raise the budget with "
+      "gcoffload.configure(host_budget_bytes=...), raise the host's pinned "
+      "memory cap (`ulimit -l`), or pick over_budget='keep', 'pageable' or "
+      "'disk'.");
+  if (policy == OverBudget::Keep) {
+    handle.device_ = std::move(source);
+    handle.placement_ = Handle::Placement::Device;
+    stats_.kept_on_device += 1;
+  } else if (policy == OverBudget::Pageable) {
+    handle.host_ = at::empty(
+        source.sizes(), source.options().device(at::kCPU).pinned_memory(false));
+    handle.placement_ = Handle::Placement::Pageable;
+    stats_.pageable_spills += 1;
+  }
 }
 
 std::string CopyEngine::spill_to_disk(

@@ -130,8 +130,10 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
       c10::Device device,
       std::shared_ptr<PinnedPool> pool);
 
-  // Starts copying `tensor` to host memory; returns immediately.
-  std::shared_ptr<Handle> offload(const at::Tensor& tensor);
+  // Starts copying `tensor` to host memory; returns immediately. `to_disk`:
+  // straight to the disk tier under over_budget='disk', leaving the host
+  // budget to later tensors (the pool if the tier cannot take it).
+  std::shared_ptr<Handle> offload(const at::Tensor& tensor, bool to_disk = false);
   // Starts copying the handle's bytes back; false if nothing was issued
   // (already prefetched or fetched, or never left the device).
   bool prefetch(Handle& handle);
@@ -202,6 +204,13 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
       at::Tensor destination,
       at::Tensor source,
       Fence after = Fence());
+  // Where the handle's bytes go: the disk straight away (`to_disk`), the
+  // pool, or past it as over_budget says; Device (kept) takes `source`.
+  void place(
+      Handle& handle,
+      at::Tensor& source,
+      bool to_disk,
+      std::unique_lock<std::mutex>& lock);
   // Gives the handle a place on the disk tier and a staging buffer as
   // `host_`; returns why it could not ("" on success). Unlocks `lock` while
   // it waits for staging.

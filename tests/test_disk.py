@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import gcoffload
+from gcoffload.checkpointing import counters
 from gcoffload.engine import get_engine, registry
 
 ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("simdev:0", marks=pytest.mark.simdev)])
@@ -107,6 +108,19 @@ class TestRoundTrip:
         assert torch.equal(engine.fetch(handle).cpu(), tensor.cpu())
         del handle
         assert_nothing_held(device)
+
+    def test_to_disk_skips_a_pool_with_room_and_is_ignored_without_the_tier(self, disk_dir: Path) -> None:
+        engine = get_engine("cpu")
+        tensor = torch.randn(300, 300)
+        gcoffload.configure(host_budget_bytes=None, over_budget="keep")
+        assert engine.offload(tensor, to_disk=True).placement == "pool"
+        gcoffload.configure(over_budget="disk", disk_dir=str(disk_dir))
+        handles = [engine.offload(tensor, to_disk=True), engine.offload(tensor)]
+        assert [handle.placement for handle in handles] == ["disk", "pool"]
+        engine.synchronize()
+        assert all(torch.equal(engine.fetch(handle), tensor) for handle in handles)
+        del handles
+        assert_nothing_held("cpu")
 
     def test_tmpfs_works(self, disk_dir: Path) -> None:
         shm = Path("/dev/shm")
@@ -218,7 +232,9 @@ class TestTraining:
         assert_nothing_held(device)
 
 
-def test_the_autopilot_measures_the_disk_and_its_plan_reads_ahead_as_it_says(disk_dir: Path) -> None:
+def test_the_autopilot_sends_its_earliest_inputs_to_disk_and_reads_them_as_far_ahead_as_it_says(
+    disk_dir: Path,
+) -> None:
     layers = TestTraining.stack()
     reference = TestTraining.step(layers, "cpu")
     gcoffload.configure(host_budget_bytes=2 * MiB, over_budget="disk", disk_dir=str(disk_dir))
@@ -227,8 +243,11 @@ def test_the_autopilot_measures_the_disk_and_its_plan_reads_ahead_as_it_says(dis
         for expected, actual in zip(reference, TestTraining.step(layers, "cpu"), strict=True):
             assert torch.equal(expected, actual)
     plan = wrapped.plan  # made with the measured rates: without them a plan has no disk bytes
-    assert plan.disk_bytes > 0 and plan.disk_read_ahead >= 1
-    assert gcoffload.stats()["devices"]["cpu"]["disk_spills"] > 0
+    offloaded = [position for position, mode in enumerate(plan.modes) if mode.value == "offload"]
+    assert plan.disk_layers == tuple(offloaded[:-1])  # 2 MiB of host memory holds the last input
+    assert plan.disk_read_ahead >= 1
+    step = counters.last_step(torch.device("cpu"))
+    assert step["disk_spills"] == len(plan.disk_layers) and step["offloads"] == len(offloaded)
     assert_nothing_held("cpu")
 
 

@@ -285,13 +285,14 @@ class TestDiskTier:
         least = gcoffload.autopilot.least_memory(profile)
         return gcoffload.autopilot.fastest_plan(profile, least.peak_bytes, host_budget=host_budget)
 
-    def test_what_the_host_budget_cannot_hold_goes_to_disk_in_the_engines_order(self) -> None:
+    def test_the_earliest_inputs_the_host_budget_cannot_hold_go_to_disk(self) -> None:
         profile = decoder_profile(8, input_mib=64, forward_ms=20)
         fast = dataclasses.replace(profile, disk=DiskRates(100e9, 100e9))
         plan = self.at_least_memory(fast, host_budget=3 * 64 * MiB)
         offloaded = [index for index, mode in enumerate(plan.modes) if mode is Mode.OFFLOAD]
         assert len(offloaded) >= 4
-        assert plan.disk_bytes == (len(offloaded) - 3) * 64 * MiB  # the first three fill the host
+        assert plan.disk_layers == tuple(offloaded[:-3])  # the last three stay on the host
+        assert plan.disk_bytes == (len(offloaded) - 3) * 64 * MiB and plan.host_bytes == 3 * 64 * MiB
         assert self.at_least_memory(profile, host_budget=3 * 64 * MiB).disk_bytes == 0  # no rates: no disk
 
     def test_the_step_time_adds_the_disks_waits_and_reads_ahead_as_far_as_they_need(self) -> None:
@@ -299,7 +300,7 @@ class TestDiskTier:
         fast = self.at_least_memory(dataclasses.replace(profile, disk=DiskRates(100e9, 100e9)), 0)
         slow = self.at_least_memory(dataclasses.replace(profile, disk=DiskRates(1e9, 1e9)), 0)
         assert fast.modes == slow.modes
-        # Only the last layer's read waits (it starts at the turn); the others hide behind 60 ms backwards.
+        # The last layer's input goes to disk too (a host budget of 0): its read, from the turn, waits.
         assert fast.disk_seconds == pytest.approx(64 * MiB / 100e9)
         without = fast.step_seconds - fast.disk_seconds
         assert slow.disk_seconds > 0.05 and slow.step_seconds == pytest.approx(without + slow.disk_seconds)

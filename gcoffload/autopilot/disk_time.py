@@ -1,4 +1,4 @@
-"""The disk tier in the time model: how much later a step ends for the layer inputs on disk.
+"""The disk tier in the plan: which layer inputs go to disk, and how much later a step ends for them.
 
 Note [The disk in the time model]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-__all__ = ["exposed_disk_seconds"]
+__all__ = ["exposed_disk_seconds", "layers_on_disk"]
 
 
 def exposed_disk_seconds(
@@ -70,3 +70,26 @@ def exposed_disk_seconds(
         waited += wait
         clock += wait + backward_seconds[layer]
     return waited
+
+
+def layers_on_disk(
+    offloaded: Sequence[tuple[int, int]], host_bytes: int, host_memory: int
+) -> tuple[int, ...]:
+    """The layers whose inputs go to disk: the earliest offloaded ones, until the rest fits ``host_memory``.
+
+    Args:
+        offloaded: ``(layer, input bytes)`` of each offloaded layer, in forward order.
+        host_bytes: the host bytes with every input on the host (swapped activations included).
+        host_memory: the pinned host bytes allowed.
+
+    Returns:
+        The layers on disk, in forward order; every offloaded layer if even
+        that leaves more than ``host_memory`` on the host.
+    """
+    chosen = []
+    for layer, nbytes in offloaded:
+        if host_bytes <= host_memory:
+            break
+        chosen.append(layer)
+        host_bytes -= nbytes
+    return tuple(chosen)

@@ -44,12 +44,17 @@ class ModeOptions:
         """Layers run as ``plan`` says from now on (None: every layer in the least memory)."""
         modes = plan.modes if plan is not None else ()
         by_mode = self._by_mode
-        if plan is not None and plan.disk_read_ahead:
-            # Note [The disk tier in the plan]: reads as far ahead as the measured disk needs.
+        to_disk = None
+        if plan is not None and plan.disk_layers:
+            # Note [The disk tier in the plan]: as far ahead as the measured disk needs.
             moving = replace(by_mode[Mode.OFFLOAD], disk_read_ahead=plan.disk_read_ahead)
             by_mode = {**by_mode, Mode.OFFLOAD: moving, Mode.SWAP: moving}
+            to_disk = replace(moving, to_disk=True)
         self._planned = tuple(
-            (mode, by_mode[mode]) if mode in by_mode else self.least_memory for mode in modes
+            (mode, to_disk if position in plan.disk_layers else by_mode[mode])
+            if mode in by_mode
+            else self.least_memory
+            for position, mode in enumerate(modes)
         )
         self.swap_prefetch = plan.swap_prefetch if plan is not None else True
 

@@ -89,10 +89,12 @@ gives a plan predicted slower.
 Note [The disk tier in the plan]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Under ``over_budget="disk"`` the profile carries the disk tier's measured
-rates, and a plan's offloads and swaps that the host budget cannot hold go to
-the disk as the engine sends them: the pool fills in forward order, and every
-layer whose bytes no longer fit goes to disk. The step time then adds the
-disk's waits (Note [The disk in the time model] in disk_time.py), so among
+rates, and the inputs of a plan's earliest offloaded layers go straight to
+disk (``OffloadOptions.to_disk``) until the rest fits the host budget:
+backward needs them last, so their reads have the longest to hide, and their
+writes the rest of the forward pass. Without a plan, the engine sends to disk
+whatever arrives once the pool is full: the latest layers. The step time adds
+the disk's waits (Note [The disk in the time model] in disk_time.py), so among
 plans that fit the device budget the fastest one counts the disk too. The
 plan's ``disk_read_ahead`` is how far ahead of the H2D prefetch backward must
 read for the slowest read to hide: the layers whose backward passes its read
@@ -108,7 +110,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .disk_time import exposed_disk_seconds
+from .disk_time import exposed_disk_seconds, layers_on_disk
 from .profile import LayerProfile, Profile
 
 __all__ = [
@@ -178,12 +180,14 @@ class Plan:
         step_seconds: predicted forward + backward time of the stack.
         tokens: tokens per step it was made for.
         prefetch_depth: units (inputs, swapped layers) copied back ahead of the backward pass.
-        host_bytes: pinned host memory the plan's offloads and swaps take.
+        host_bytes: pinned host memory the plan's offloads and swaps take (those
+            on disk left out).
         swap_prefetch: whether a swapped layer's activations are prefetched by
             the layers after it (else by its own backward pass, Note [Two ways
             to bring swapped activations back]).
-        disk_bytes: bytes of its offloads and swaps past the host budget, on
-            the disk tier (Note [The disk tier in the plan]).
+        disk_layers: positions of the layers whose inputs go straight to the
+            disk tier (Note [The disk tier in the plan]).
+        disk_bytes: their input bytes.
         disk_seconds: the part of ``step_seconds`` spent waiting for the disk.
         disk_read_ahead: how many units ahead of the H2D prefetch backward
             reads from the disk, so that a read hides behind the backward passes
@@ -199,6 +203,7 @@ class Plan:
     prefetch_depth: int
     host_bytes: int = 0
     swap_prefetch: bool = True
+    disk_layers: tuple[int, ...] = ()
     disk_bytes: int = 0
     disk_seconds: float = 0.0
     disk_read_ahead: int = 0
@@ -642,15 +647,17 @@ def fastest_plan(
 def _with_disk(profile: Profile, model: _Model, plan: Plan, host_budget: int) -> Plan:
     """``plan`` with what the disk tier adds to it: Note [The disk tier in the plan]."""
     disk = profile.disk
-    host = 0
-    on_disk = []
-    for layer, mode in zip(profile.layers, plan.modes, strict=True):
-        nbytes = layer.input_bytes if mode is Mode.OFFLOAD else layer.swap_bytes if mode is Mode.SWAP else 0
-        spills = host + nbytes > host_budget
-        host += 0 if spills else nbytes
-        on_disk.append(nbytes if spills else 0)
-    if not any(on_disk):
+    offloaded = [
+        (position, layer.input_bytes)
+        for position, (layer, mode) in enumerate(zip(profile.layers, plan.modes, strict=True))
+        if mode is Mode.OFFLOAD
+    ]
+    disk_layers = layers_on_disk(offloaded, plan.host_bytes, host_budget)
+    if not disk_layers:
         return plan
+    on_disk = [
+        layer.input_bytes if position in disk_layers else 0 for position, layer in enumerate(profile.layers)
+    ]
     backward = [model.backward_seconds(index, mode) for index, mode in enumerate(plan.modes)]
     waits = exposed_disk_seconds(
         [layer.forward_seconds for layer in profile.layers],
@@ -660,19 +667,20 @@ def _with_disk(profile: Profile, model: _Model, plan: Plan, host_budget: int) ->
         write_bytes_per_second=disk.write_bytes_per_second,
     )
     ahead = 0
-    for index, nbytes in enumerate(on_disk):
-        if nbytes:
-            read = nbytes / disk.read_bytes_per_second
-            covered, units = 0.0, 0
-            for later in range(index + 1, len(backward)):
-                if covered >= read:
-                    break
-                covered += backward[later]
-                units += 1
-            ahead = max(ahead, units - model.depth + 1)
+    for position in disk_layers:
+        read = on_disk[position] / disk.read_bytes_per_second
+        covered, units = 0.0, 0
+        for later in range(position + 1, len(backward)):
+            if covered >= read:
+                break
+            covered += backward[later]
+            units += 1
+        ahead = max(ahead, units - model.depth + 1)
     return replace(
         plan,
         step_seconds=plan.step_seconds + waits,
+        host_bytes=plan.host_bytes - sum(on_disk),
+        disk_layers=disk_layers,
         disk_bytes=sum(on_disk),
         disk_seconds=waits,
         disk_read_ahead=max(ahead, 1),

@@ -27,7 +27,7 @@ __all__ = ["checkpoint", "checkpoint_with", "path", "run", "run_plainly"]
 
 _DEFAULT_OPTIONS = OffloadOptions()
 _OPTION_NAMES = frozenset(
-    ("offload", "prefetch_depth", "disk_read_ahead", "keep_resident", "min_offload_bytes")
+    ("offload", "prefetch_depth", "keep_resident", "min_offload_bytes", "disk_read_ahead", "to_disk")
 )
 
 

@@ -24,6 +24,10 @@ class OffloadOptions:
             device, because backward needs them first.
         min_offload_bytes: inputs smaller than this stay on the device (default
             1 MiB: a tiny model's inputs are all smaller, so it offloads nothing).
+        to_disk: under ``over_budget="disk"``, the input goes straight to the
+            disk tier, leaving host memory to later layers, whose inputs
+            backward needs sooner. The autopilot sets it for the earliest
+            layers whose inputs the host budget cannot hold.
         disk_read_ahead: inputs the disk tier holds (``over_budget="disk"``) are
             read into pinned staging this many layers further ahead than
             ``prefetch_depth``, within ``disk_staging_bytes`` (0: read when
@@ -31,7 +35,7 @@ class OffloadOptions:
             disk bandwidth.
 
     Raises:
-        TypeError: ``offload`` is not a bool.
+        TypeError: ``offload`` or ``to_disk`` is not a bool.
         ValueError: another field is not a non-negative int.
     """
 
@@ -40,10 +44,12 @@ class OffloadOptions:
     keep_resident: int = 1
     min_offload_bytes: int = DEFAULT_MIN_OFFLOAD_BYTES
     disk_read_ahead: int = 4
+    to_disk: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.offload, bool):
-            raise TypeError(f"offload must be a bool, got {self.offload!r}")
+        for flag in ("offload", "to_disk"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         for name in ("prefetch_depth", "disk_read_ahead", "keep_resident", "min_offload_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

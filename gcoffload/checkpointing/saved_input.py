@@ -106,6 +106,7 @@ class SavedInput:
         prefetch_depth: how many of the inputs saved before this one to prefetch when it is unpacked.
         device: ``tensor.device``.
         disk_read_ahead: how many inputs before those to read ahead from the disk tier.
+        to_disk: whether the input goes straight to the disk tier when offloaded.
     """
 
     __slots__ = (
@@ -120,6 +121,7 @@ class SavedInput:
         "prefetch_depth",
         "previous",
         "tensor",
+        "to_disk",
         "version",
     )
 
@@ -131,9 +133,11 @@ class SavedInput:
         prefetch_depth: int,
         device: torch.device,
         disk_read_ahead: int = 0,
+        to_disk: bool = False,
     ) -> None:
         self.device = device
         self.disk_read_ahead = disk_read_ahead
+        self.to_disk = to_disk
         self.counts = counts
         self.prefetch_depth = prefetch_depth
         self.engine: CopyEngine | None = None  # the device's copy engine, once the input is offloaded
@@ -148,7 +152,7 @@ class SavedInput:
         """Starts the copy to host memory; the device tensor is no longer referenced here."""
         if self.tensor is not None:
             self.engine = get_engine(self.device)
-            self.handle = self.engine.offload(self.tensor)
+            self.handle = self.engine.offload(self.tensor, to_disk=self.to_disk)
             self.tensor = None
 
     @property
@@ -313,7 +317,9 @@ def save(tensor: torch.Tensor, options: OffloadOptions, layer: object) -> SavedI
         counts["kept_during_capture"] += 1
         offloads = False
     chain = chain_of(device)
-    saved = SavedInput(tensor, layer, counts, options.prefetch_depth, device, options.disk_read_ahead)
+    saved = SavedInput(
+        tensor, layer, counts, options.prefetch_depth, device, options.disk_read_ahead, options.to_disk
+    )
     link(chain, saved)
     if offloads:
         chain.window.append(weakref.ref(saved))

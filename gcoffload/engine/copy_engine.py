@@ -62,7 +62,7 @@ class CopyEngine:
         self._uncounted: Counter[str] = Counter()  # copy counts left out of stats(), see uncounted()
         self.device: torch.device = impl.device
 
-    def offload(self, tensor: torch.Tensor) -> Handle:
+    def offload(self, tensor: torch.Tensor, *, to_disk: bool = False) -> Handle:
         """Starts copying ``tensor`` to host memory and returns at once.
 
         The engine keeps ``tensor`` alive until the copy has read it, so the
@@ -72,6 +72,9 @@ class CopyEngine:
         Args:
             tensor: a plain dense (strided) tensor on this engine's device, any
                 shape, any dtype but quantized and sub-byte ones.
+            to_disk: under ``over_budget="disk"``, straight to the disk tier,
+                leaving the host budget to later tensors (to the host pool if
+                the tier cannot take it); ignored otherwise.
 
         Raises:
             TypeError: ``tensor`` is not a tensor, or of a kind the engine cannot
@@ -84,7 +87,7 @@ class CopyEngine:
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"offload: tensor must be a torch.Tensor, got {type(tensor).__name__}")
-        return self._impl.offload(tensor)
+        return self._impl.offload(tensor, to_disk)
 
     def prefetch(self, handle: Handle) -> bool:
         """Starts copying ``handle``'s tensor back to the device.

@@ -1,16 +1,12 @@
-"""The disk tier on paper: the disk ``capacity`` plans for, and which offloaded layer inputs go to it.
+"""The disk tier on paper: the disk ``capacity`` plans for.
 
 Under ``gcoffload.configure(over_budget="disk")`` the offloaded layer inputs
 that do not fit the pinned host budget go to a file on a local NVMe disk,
-staged through pinned host memory. The capacity planner counts the earliest
-layers' inputs there (:func:`layers_on_disk`): backward needs them last, so
-their reads have the longest time to hide, and their writes the rest of the
-forward pass. (The engine, and the autopilot's planner after it, Note [The
-disk tier in the plan] in planner.py, send instead what the pinned pool cannot
-hold when it comes: the latest offloaded layers, whose reads have less time to
-hide.) The time they add is the planner's
-(:func:`~gcoffload.autopilot.disk_time.exposed_disk_seconds`, Note [The disk
-in the time model] in disk_time.py).
+staged through pinned host memory. The capacity planner puts them where the
+autopilot's plan does (Note [The disk tier in the plan] in planner.py): the
+earliest layers' inputs
+(:func:`~gcoffload.autopilot.disk_time.layers_on_disk`), and times them as
+it does (:func:`~gcoffload.autopilot.disk_time.exposed_disk_seconds`).
 """
 
 from __future__ import annotations
@@ -26,7 +22,6 @@ __all__ = [
     "DEFAULT_READ_BYTES_PER_SECOND",
     "DEFAULT_WRITE_BYTES_PER_SECOND",
     "Disk",
-    "layers_on_disk",
     "parse_rate",
     "resolve_disk",
 ]
@@ -105,26 +100,3 @@ def resolve_disk(disk_memory: object, disk_bandwidth: object = None) -> Disk:
     except ValueError as error:
         raise ValueError(f"disk_bandwidth: {error}") from None
     return Disk(capacity_bytes, DiskRates(read, write))
-
-
-def layers_on_disk(
-    offloaded: Sequence[tuple[int, int]], host_bytes: int, host_memory: int
-) -> tuple[int, ...]:
-    """The layers whose inputs go to disk: the earliest offloaded ones, until the rest fits ``host_memory``.
-
-    Args:
-        offloaded: ``(layer, input bytes)`` of each offloaded layer, in forward order.
-        host_bytes: the host bytes with every input on the host (swapped activations included).
-        host_memory: the pinned host bytes allowed.
-
-    Returns:
-        The layers on disk, in forward order; every offloaded layer if even
-        that leaves more than ``host_memory`` on the host.
-    """
-    chosen = []
-    for layer, nbytes in offloaded:
-        if host_bytes <= host_memory:
-            break
-        chosen.append(layer)
-        host_bytes -= nbytes
-    return tuple(chosen)

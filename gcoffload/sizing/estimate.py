@@ -59,12 +59,12 @@ from typing import Any
 import torch
 
 from ..autopilot.budget import parse_size
-from ..autopilot.disk_time import exposed_disk_seconds
+from ..autopilot.disk_time import exposed_disk_seconds, layers_on_disk
 from ..autopilot.planner import Mode, Plan, fastest_plan, holds_own_input, keeps_output, least_memory, predict
 from ..autopilot.profile import LayerProfile, Profile
 from ..checkpointing.options import OffloadOptions
 from .curve import TraceCurve
-from .disk import Disk, layers_on_disk, resolve_disk
+from .disk import Disk, resolve_disk
 from .hardware import Gpu, resolve_gpu
 from .model_source import load_config
 from .trace import MetaModel, ModelTrace, Weights
