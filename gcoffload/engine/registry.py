@@ -214,7 +214,7 @@ def configure(
             refuses pinned memory: ``"keep"`` leaves the tensor on the device
             (default), ``"pageable"`` copies into ordinary host memory
             (slower), ``"error"`` raises, ``"disk"`` writes it to a file in
-            ``disk_dir`` (the disk tier, README "Past host memory: the disk").
+            ``disk_dir`` (README "Past host memory: the disk tier").
         slab_bytes: the largest host allocation the pool grows by, a power of
             two from 512 to 2**62 (default 256 MiB). Slabs start at 1 MiB (or
             slab_bytes if smaller) and double with demand.
