@@ -2,7 +2,8 @@
 
 Throughput: the directory's raw sequential bandwidth
 (``measure_disk_bandwidth``: an O_DIRECT ``pwrite``/``pread`` loop of one
-aligned buffer over a fresh unnamed file) next to the engine's disk tier
+aligned buffer over an unnamed file, its places written once before the timed
+pass, as the tier rewrites its own) next to the engine's disk tier
 moving ``tensors`` tensors of ``tensor_bytes`` under a host budget of 0, so
 that every one goes to disk. The write rate counts from the first offload
 until ``engine.synchronize()`` returns; the read rate from the first
@@ -11,11 +12,9 @@ has its tensor on the device, which includes the copies out of staging (on
 the CPU, memcpys into new tensors). Every tensor must come back equal. Raw
 and engine measurements alternate ``rounds`` times, since a disk shared with
 other jobs drifts, and their medians are compared. An untimed engine round
-comes first: the staging buffers are allocated and the file grows once (the
-raw measurement writes a fresh file every time). The tier's own counters are
-reported beside them: bytes over the seconds its I/O threads spent on
-transfers (those seconds include waiting for the copy into staging, and a
-read's wait for its write).
+comes first: the staging buffers are allocated and the file grows once. The
+tier's own counters are reported beside them: bytes over the seconds its I/O
+threads spent in transfers.
 
 Training: a decoder stack with dropout after every layer (inside the
 checkpoint, so each recompute must draw the same mask), run without
@@ -389,7 +388,7 @@ def report(result: dict[str, Any]) -> str:
             "",
             f"**throughput**: {config['tensors']} tensors of {sizes['tensor_bytes']}, host budget 0 (all on "
             f"disk: {throughput['all_on_disk']}), against the raw disk ({sizes['raw_bytes']} in "
-            f"{sizes['block_bytes']} blocks to a fresh file; the tier rewrites its file's places); medians "
+            f"{sizes['block_bytes']} blocks, rewriting its file's places as the tier does); medians "
             f"of {config['rounds']} alternating rounds; the data came back equal: {throughput['equal']}",
             "",
             common.table(ways, THROUGHPUT_COLUMNS),
