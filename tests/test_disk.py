@@ -26,6 +26,7 @@ import torch
 import gcoffload
 from gcoffload.checkpointing import counters
 from gcoffload.engine import get_engine, registry
+from gcoffload.engine.host_settings import HostSettings
 
 ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("simdev:0", marks=pytest.mark.simdev)])
 MiB = 1 << 20
@@ -274,6 +275,15 @@ class TestFaults:
         gcoffload.configure(disk_dir=None)
         with pytest.raises(ValueError, match=r"disk_dir=.*GCOFFLOAD_DISK_DIR"):
             gcoffload.configure(over_budget="disk")
+
+    def test_disk_dir_defaults_to_the_environment_when_first_needed(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        settings = HostSettings()
+        monkeypatch.setenv("GCOFFLOAD_DISK_DIR", "/scratch/nvme")
+        assert settings.as_dict()["disk_dir"] == "/scratch/nvme"
+        monkeypatch.delenv("GCOFFLOAD_DISK_DIR")
+        assert HostSettings().as_dict()["disk_dir"] is None
 
     @pytest.mark.parametrize(
         ("setting", "value"),

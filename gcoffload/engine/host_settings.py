@@ -44,6 +44,7 @@ MAX_SLAB_BYTES = 2**62  # the largest power of two the C++ side holds
 # than the layers of a step only holds memory back.
 MAX_PENDING_LIMIT = 1 << 16
 _NODE_SHARE: Any = object()  # the default budget, worked out when first needed
+_FROM_ENVIRONMENT: Any = object()  # the default disk_dir, read when first needed
 
 
 def _half_of_physical_memory() -> int | None:
@@ -99,7 +100,7 @@ class HostSettings:
         self.over_budget = "keep"
         self.slab_bytes = 256 << 20
         self.max_pending = 32
-        self.disk_dir: str | None = os.environ.get(DISK_DIR_ENV) or None
+        self.disk_dir: str | None = _FROM_ENVIRONMENT
         self.disk_budget_bytes: int | None = None
         self.disk_staging_bytes = 512 << 20
         self.disk_fallback = "error"
@@ -109,6 +110,8 @@ class HostSettings:
         # Resolved late, so that a launcher's torch.distributed setup is seen.
         if self.host_budget_bytes is _NODE_SHARE:
             self.host_budget_bytes = default_host_budget()
+        if self.disk_dir is _FROM_ENVIRONMENT:
+            self.disk_dir = os.environ.get(DISK_DIR_ENV) or None
         return dict(vars(self))
 
     @staticmethod
