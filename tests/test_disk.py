@@ -25,6 +25,8 @@ import torch
 
 import gcoffload
 from gcoffload.checkpointing import counters
+from gcoffload.checkpointing.forward_chain import ForwardChain, link
+from gcoffload.checkpointing.saved_input import prefetch_predecessors
 from gcoffload.engine import get_engine, registry
 from gcoffload.engine.host_settings import HostSettings
 
@@ -250,6 +252,32 @@ def test_the_autopilot_sends_its_earliest_inputs_to_disk_and_reads_them_as_far_a
     step = counters.last_step(torch.device("cpu"))
     assert step["disk_spills"] == len(plan.disk_layers) and step["offloads"] == len(offloaded)
     assert_nothing_held("cpu")
+
+
+class _Unit:
+    """A chain unit that records what backward asked of it."""
+
+    def __init__(self, waiting: bool) -> None:
+        self.previous = None
+        self.waiting = waiting
+        self.asked: list[str] = []
+
+    def prefetch(self) -> None:
+        self.asked.append("prefetch")
+
+    def read_ahead(self) -> None:
+        self.asked.append("read_ahead")
+
+
+def test_reads_ahead_past_the_prefetch_depth_counted_in_chain_units_whatever_their_kind() -> None:
+    chain = ForwardChain()
+    units = [_Unit(waiting) for waiting in (True, True, True, False, True, False)]  # forward order
+    for unit in units:
+        link(chain, unit)
+    prefetch_predecessors(units[-1], 2, torch.device("cpu"), read_ahead=2)
+    # The second unit back holds nothing on the host: the prefetch stops there (two units deep),
+    # the next two read ahead, and the one past them is left alone.
+    assert [unit.asked for unit in units] == [[], ["read_ahead"], ["read_ahead"], [], ["prefetch"], []]
 
 
 class TestFaults:

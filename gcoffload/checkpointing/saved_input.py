@@ -258,10 +258,11 @@ def prefetch_predecessors(unit: ChainUnit, depth: int, device: torch.device, rea
     it holds them, into pinned staging. Nothing is issued while ``device``'s
     stream captures a graph (Note [Graph capture]).
     """
-    waiting = [earlier for earlier in predecessors(unit, depth + read_ahead) if earlier.waiting]
+    nearest = predecessors(unit, depth + read_ahead)
+    waiting = [(distance, earlier) for distance, earlier in enumerate(nearest) if earlier.waiting]
     if waiting and not capturing(device):
-        for index, earlier in enumerate(waiting):
-            if index < depth:
+        for distance, earlier in waiting:
+            if distance < depth:  # a unit's distance in the chain, whatever the kinds between
                 earlier.prefetch()
             else:
                 earlier.read_ahead()
