@@ -15,6 +15,7 @@ from toy_models import Block, add_lora, batch, causal_mask, loss_and_grads, make
 import gcoffload
 from gcoffload.autopilot import Mode
 from gcoffload.autopilot.plan_cache import bucket_tokens
+from gcoffload.autopilot.planner import _Model
 
 DEVICES = ["cpu", ASYNC_DEVICES[0]]  # the simulated device; CUDA has its own tests
 LAYERS = 6
@@ -109,8 +110,8 @@ def test_predicted_held_bytes_equal_what_autograd_holds(device, use_reentrant):
 )
 def test_the_predicted_peak_is_at_least_a_real_steps_peak(modes, use_reentrant):
     """The backward pass allocates a gradient buffer the size of a layer's largest saved storage;
-    swapped activations come back a layer ahead, and may still be on their way out when backward
-    begins (Note [The memory model])."""
+    swapped activations come back a layer ahead (Note [The memory model]). Those still on their
+    way out when backward begins are a matter of timing, settled here."""
     import simdevice
 
     device = ASYNC_DEVICES[0].values[0]
@@ -132,16 +133,23 @@ def test_the_predicted_peak_is_at_least_a_real_steps_peak(modes, use_reentrant):
     simdevice.synchronize()
     before = simdevice.memory_allocated()
     simdevice.reset_peak_memory_stats()
-    step(model, inputs)
+    loss = model(inputs).pow(2).mean()
+    # Swapped bytes still on their way out when backward begins depend on how this busy machine
+    # schedules simdev's copy thread, not on the memory model: they are settled first, and the
+    # model's estimate of them (timed from the profile's copy speed) is left out of the comparison.
+    gcoffload.get_engine(device).synchronize()
+    loss.backward()
     simdevice.synchronize()
     real = simdevice.max_memory_allocated() - before
+    scaled = profile.scaled(bucket_tokens(profile.tokens))
+    in_flight = _Model(scaled, plan.prefetch_depth, plan.swap_prefetch).in_flight_bytes(plan.modes)
     # The model counts a whole recompute; torch 2.14's non-reentrant checkpoint may need less of one.
     # It counts a swapped layer's prefetched activations on top of all that is held after forward,
     # though kept layers after it have freed theirs by then.
     slack = max(layer.saved_bytes for layer in profile.layers)
     if "swap" in modes:
         slack += max(layer.swap_bytes for layer in profile.layers)
-    assert real <= plan.peak_bytes <= real + slack, plan.summary()
+    assert real <= plan.peak_bytes - in_flight <= real + slack, plan.summary()
 
 
 MIXED = ("keep", "offload", "checkpoint", "offload", "keep", "checkpoint")
