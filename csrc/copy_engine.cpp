@@ -418,10 +418,7 @@ std::string CopyEngine::spill_to_disk(
   }
   lock.lock();
   handle.disk_ = std::move(place);
-  handle.block_ = staging->block;
-  handle.host_ = staging->bytes.narrow(0, 0, handle.nbytes_)
-                     .view(handle.dtype_)
-                     .view(handle.sizes_);
+  stage(handle, *staging);
   handle.placement_ = Handle::Placement::Disk;
   return "";
 }
@@ -465,12 +462,16 @@ bool CopyEngine::start_read(Handle& handle, DiskTier::Wait wait) {
   if (!staging) {
     return false;
   }
-  handle.block_ = staging->block;
-  handle.host_ = staging->bytes.narrow(0, 0, handle.nbytes_)
-                     .view(handle.dtype_)
-                     .view(handle.sizes_);
+  stage(handle, *staging);
   handle.d2h_done_ = handle.disk_->tier->read(handle.disk_, staging->bytes);
   return true;
+}
+
+void CopyEngine::stage(Handle& handle, const Staging& staging) {
+  handle.block_ = staging.block;
+  handle.host_ = staging.bytes.narrow(0, 0, handle.nbytes_)
+                     .view(handle.dtype_)
+                     .view(handle.sizes_);
 }
 
 void CopyEngine::release_block(Handle& handle, Fence last_use) {

@@ -220,6 +220,8 @@ class CopyEngine : public std::enable_shared_from_this<CopyEngine> {
   // Queues the read of a handle whose bytes are on disk only into a staging
   // buffer; false if `wait` is Never and the staging limit is reached.
   bool start_read(Handle& handle, DiskTier::Wait wait);
+  // Makes `staging` the handle's host buffer, `host_` its bytes as the tensor.
+  void stage(Handle& handle, const Staging& staging);
   // Gives the handle's host buffer back to the pool it came from.
   void release_block(Handle& handle, Fence last_use);
   void poll_pending(std::vector<at::Tensor>& dropped);

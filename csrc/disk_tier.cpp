@@ -254,13 +254,17 @@ std::optional<Staging> DiskTier::acquire_staging(size_t nbytes, Wait wait) {
   return Staging{*block, aligned.view(at::kByte, {static_cast<int64_t>(length)})};
 }
 
+void DiskTier::drop_finished_writes() {
+  while (!writes_queued_.empty() && writes_queued_.front().done()) {
+    writes_queued_.pop_front();
+  }
+}
+
 bool DiskTier::wait_for_a_write() {
   Fence oldest;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    while (!writes_queued_.empty() && writes_queued_.front().done()) {
-      writes_queued_.pop_front();
-    }
+    drop_finished_writes();
     if (writes_queued_.empty()) {
       return false;
     }
@@ -278,6 +282,7 @@ void DiskTier::write(
   const Fence written = copy->written;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    drop_finished_writes(); // or the queue grows by every write of a long run
     writes_queued_.push_back(written);
   }
   writer_.submit(

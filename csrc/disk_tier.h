@@ -147,8 +147,9 @@ class DiskTier : public std::enable_shared_from_this<DiskTier> {
 
   // Gives a place back once `last_use` is done.
   void free(uint64_t offset, uint64_t length, Fence last_use);
-  // Expects `mutex_` held.
+  // Expect `mutex_` held.
   void collect_freed();
+  void drop_finished_writes();
   void insert_free(uint64_t offset, uint64_t length);
   // Waits for the oldest queued write; false if none is queued.
   bool wait_for_a_write();
